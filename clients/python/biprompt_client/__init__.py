@@ -1,0 +1,1 @@
+"""Light Python client for biprompt-serve (installs without torch, ray or pycocotools)."""
