@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/no-deps.txt
 	$(PIP) install -q -r requirements/cpu.txt
 	$(PIP) install -q --no-deps -r requirements/no-deps.txt
 	$(PIP) install -q -e '.[dev]'
-	$(PY) -c "import torch, torchscale, segment_anything; assert '+cpu' in torch.__version__ or torch.cuda.is_available() or True"
+	$(PY) -c "import biprompt, torch, torchscale.model.BEiT3, segment_anything, transformers"
 	touch $(STAMP)
 
 test: $(STAMP)

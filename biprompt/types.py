@@ -1,0 +1,46 @@
+"""Results the pipeline hands back: an image embedding, point candidates, a segmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageEmbedding:
+    """One SAM encoder pass over one image, plus what decoding needs later.
+
+    embedding: 1xCxhxw (C=256, h=w=64 for the official models); beit_image: 1x3xSxS, the
+    text model's view of the same image (None for a point-only pipeline).
+    """
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]  # (h, w) of the caller's image
+    input_size: tuple[int, int]  # (h, w) after resize-longest-side, before padding
+    model_id: str
+    beit_image: torch.Tensor | None = None
+    image_id: str | None = None  # set by serving: sha256 of the image bytes
+
+
+@dataclass
+class PointCandidates:
+    """SAM's multimask output for one prompt: 3xHxW masks, (3,) predicted IoUs, 3x4hx4w logits."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+@dataclass
+class SegmentResult:
+    mask: np.ndarray  # HxW bool: the answer
+    candidates: np.ndarray | None  # 3xHxW bool, SAM's part / object / whole (None: no points)
+    candidate_scores: np.ndarray | None  # (3,) SAM's predicted IoUs
+    text_mask: np.ndarray | None  # HxW bool, EVF-SAM's mask for the text (None: no text)
+    text_ious: np.ndarray | None  # (3,) each candidate's IoU with the text mask
+    selected: int | None  # index into candidates (None in text mode without points)
+    strategy: str
+    agreement: float | None
+    mode: str
