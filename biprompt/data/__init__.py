@@ -1,0 +1,1 @@
+"""Synthetic data for training and scoring: ShapesRef (see `biprompt.data.shapes_ref`)."""
