@@ -11,11 +11,11 @@ venv: $(STAMP)
 
 # NOTE: order matters. The CPU torch wheel goes in first, then torchscale/fairscale without their
 # pins, then the project; otherwise pip resolves torch to a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/no-deps.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml requirements/cpu.txt requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements/cpu.txt
 	$(PIP) install -q --no-deps -r requirements/no-deps.txt
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e ./clients/python -e '.[dev]'
 	$(PY) -c "import biprompt, torch, torchscale.model.BEiT3, segment_anything, transformers"
 	touch $(STAMP)
 

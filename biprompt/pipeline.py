@@ -17,12 +17,22 @@ import torch
 
 from biprompt.errors import InvalidImageError, InvalidPromptError, ModelConfigError
 from biprompt.factory import (
-    LoadedSam, LoadedText, load_sam, load_text_model, random_text_model, read_profile,
+    LoadedSam,
+    LoadedText,
+    load_sam,
+    load_text_model,
+    random_text_model,
+    read_profile,
 )
 from biprompt.images import DEFAULT_MAX_PIXELS, to_rgb_array
 from biprompt.models.decoding import upscale_logits
-from biprompt.preprocess import beit3_input, sam_normalize_pad, sam_resize, transform_boxes, \
-    transform_coords
+from biprompt.preprocess import (
+    beit3_input,
+    sam_normalize_pad,
+    sam_resize,
+    transform_boxes,
+    transform_coords,
+)
 from biprompt.prompts import Prompt, make_prompt
 from biprompt.selection import DEFAULT_AGREEMENT_THRESHOLD, select
 from biprompt.types import ImageEmbedding, PointCandidates, SegmentResult
@@ -57,12 +67,16 @@ class BiPromptPipeline:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.spec = sam.spec
+        # NOTE: prompt encoders stay float32 (tiny, and SAM's builds float32 padding points
+        # internally); their outputs are cast to the model dtype.
         self.sam = sam.model.to(self.device, self.dtype).eval()
+        self.sam.prompt_encoder.float()
         self.sam_model_id = sam.model_id
         self.text = text
         if text is not None:
             self._check_text_model(sam, text)
             text.model.to(self.device, self.dtype).eval()
+            text.model.visual_model.prompt_encoder.float()
         self.agreement_threshold = agreement_threshold
         self.max_pixels = max_pixels
         self.name = name or self.sam_model_id
@@ -156,7 +170,7 @@ class BiPromptPipeline:
         batch = torch.cat([sam_normalize_pad(x, size) for x in resized])
         feats = self.sam.image_encoder(batch.to(self.device, self.dtype))
         out = []
-        for i, (rgb, x) in enumerate(zip(rgbs, resized)):
+        for i, (rgb, x) in enumerate(zip(rgbs, resized, strict=False)):
             beit = None
             if self.text is not None:
                 beit = beit3_input(rgb, self.text.config.beit3_spec.img_size)
@@ -196,18 +210,18 @@ class BiPromptPipeline:
                 coords = np.stack([transform_coords(prompts[i].points, emb.original_size, size)
                                    for i in idx])
                 labels = np.stack([prompts[i].labels for i in idx])
-                points = (torch.as_tensor(coords, dtype=torch.float).to(self.device, self.dtype),
+                points = (torch.as_tensor(coords, dtype=torch.float, device=self.device),
                           torch.as_tensor(labels, dtype=torch.int, device=self.device))
             if has_box:
                 b = np.concatenate([transform_boxes(prompts[i].box[None], emb.original_size, size)
                                     for i in idx])
-                boxes = torch.as_tensor(b, dtype=torch.float).to(self.device, self.dtype)
+                boxes = torch.as_tensor(b, dtype=torch.float, device=self.device)
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
             low_res, scores = self.sam.mask_decoder(
                 image_embeddings=image,
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                image_pe=self.sam.prompt_encoder.get_dense_pe().to(self.dtype),
                 sparse_prompt_embeddings=sparse.to(self.dtype),
-                dense_prompt_embeddings=dense,
+                dense_prompt_embeddings=dense.to(self.dtype),
                 multimask_output=True,
             )
             masks = self.sam.postprocess_masks(low_res.float(), emb.input_size, emb.original_size)
@@ -223,12 +237,12 @@ class BiPromptPipeline:
     @torch.no_grad()
     def text_masks(self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str]) -> list[np.ndarray]:
         """EVF-SAM's mask for each (embedding i, text i) pair, in one batched call. HxW bool each."""
-        if self.text is None:
-            raise InvalidPromptError("this pipeline has no text model: it serves point prompts only")
         if len(embeddings) != len(texts):
             raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} texts")
         if not texts:
             return []
+        if self.text is None:
+            raise InvalidPromptError("this pipeline has no text model: it serves point prompts only")
         for e in embeddings:
             if e.beit_image is None:
                 raise InvalidImageError("embedding has no text-model view: re-embed the image "
@@ -266,9 +280,9 @@ class BiPromptPipeline:
                         "this pipeline has no text model: use mode 'point' or leave out text")
                 self.text.tokenizer.validate(p.text)
         with_points = [i for i, p in enumerate(ps) if len(p.points) or p.box is not None]
-        cands = dict(zip(with_points, self.decode_points(emb, [ps[i] for i in with_points])))
+        cands = dict(zip(with_points, self.decode_points(emb, [ps[i] for i in with_points]), strict=False))
         texts = sorted({p.text.strip() for p in ps if p.text is not None and self.text is not None})
-        masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts)))
+        masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=False))
         return [self._result(p, cands.get(i), masks.get(p.text.strip()) if p.text else None)
                 for i, p in enumerate(ps)]
 

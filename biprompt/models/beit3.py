@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import biprompt._compat  # noqa: F401  (torchscale imports timm; see _compat)
 from torchscale.architecture.config import EncoderConfig
 from torchscale.model.BEiT3 import BEiT3
 
+import biprompt._compat  # noqa: F401  (torchscale imports timm; see _compat)
 from biprompt.errors import ModelConfigError
 
 

@@ -36,22 +36,23 @@ def check_keys(
     state: Mapping[str, torch.Tensor],
     what: str,
 ) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped key."""
+    """Raise CheckpointError naming the first mis-shaped key (in model order), then the first
+    missing and unexpected ones."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise CheckpointError(
-            f"{what}: {len(missing)} missing key(s), first {missing[0]!r}"
-            + (f"; {len(unexpected)} unexpected, first {unexpected[0]!r}" if unexpected else "")
-        )
-    if unexpected:
-        raise CheckpointError(f"{what}: {len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    problems = []
     for key, shape in expected.items():
-        got = tuple(state[key].shape)
-        if got != tuple(shape):
-            raise CheckpointError(
-                f"{what}: key {key!r} has shape {list(got)}, the model expects {list(shape)}"
+        if key in state and tuple(state[key].shape) != tuple(shape):
+            problems.append(
+                f"key {key!r} has shape {list(state[key].shape)}, the model expects {list(shape)}"
             )
+            break
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems))
 
 
 def expected_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:

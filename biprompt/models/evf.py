@@ -146,9 +146,10 @@ class EvfSam(nn.Module):
         pe = self.visual_model.prompt_encoder
         b = prompt.shape[0]
         h, w = pe.image_embedding_size
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
+        dtype = image_embeddings.dtype
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w).to(dtype)
         logits, _ = decode_pairs(
-            self.visual_model.mask_decoder, image_embeddings, pe.get_dense_pe(),
-            prompt.to(image_embeddings.dtype), dense, multimask_output=False,
+            self.visual_model.mask_decoder, image_embeddings, pe.get_dense_pe().to(dtype),
+            prompt.to(dtype), dense, multimask_output=False,
         )
         return logits

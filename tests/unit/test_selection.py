@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from biprompt.selection import mask_ious, select
+
+
+def masks_from_boxes(boxes, shape=(20, 20)):
+    out = np.zeros((len(boxes), *shape), dtype=bool)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        out[i, y0:y1, x0:x1] = True
+    return out
+
+
+# part / object / whole: nested squares
+CANDS = masks_from_boxes([(8, 12, 8, 12), (5, 15, 5, 15), (0, 20, 0, 20)])
+SCORES = np.array([0.9, 0.5, 0.3])
+
+
+def test_picks_the_candidate_the_text_agrees_with():
+    text = masks_from_boxes([(5, 15, 4, 15)])[0]
+    sel = select(CANDS, SCORES, text)
+    assert sel.selected == 1 and sel.strategy == "biprompt"
+    assert sel.agreement == pytest.approx(100 / 110)
+    np.testing.assert_allclose(sel.text_ious, mask_ious(CANDS, text))
+
+
+def test_tie_goes_to_higher_predicted_iou_then_lower_index():
+    cands = masks_from_boxes([(0, 10, 0, 10), (0, 10, 0, 10), (10, 20, 10, 20)])
+    text = masks_from_boxes([(0, 10, 0, 10)])[0]
+    assert select(cands, np.array([0.2, 0.7, 0.9]), text).selected == 1
+    assert select(cands, np.array([0.7, 0.7, 0.9]), text).selected == 0
+
+
+def test_empty_text_mask_falls_back_to_top_score():
+    sel = select(CANDS, SCORES, np.zeros((20, 20), dtype=bool))
+    assert (sel.selected, sel.strategy, sel.agreement) == (0, "fallback_empty_text", 0.0)
+
+
+def test_low_agreement_falls_back_and_threshold_is_configurable():
+    text = masks_from_boxes([(0, 2, 0, 20)])[0]  # a strip that only the whole mask touches
+    best_iou = mask_ious(CANDS, text).max()
+    sel = select(CANDS, SCORES, text, agreement_threshold=best_iou + 0.01)
+    assert (sel.selected, sel.strategy) == (0, "fallback_low_agreement")
+    assert sel.agreement == pytest.approx(best_iou)
+    sel = select(CANDS, SCORES, text, agreement_threshold=0.0)
+    assert (sel.selected, sel.strategy) == (2, "biprompt")
+
+
+def test_no_text_and_modes():
+    assert select(CANDS, SCORES, None).strategy == "fallback_no_text"
+    text = masks_from_boxes([(0, 20, 0, 20)])[0]
+    assert select(CANDS, SCORES, text, mode="point").selected == 0
+    sel = select(CANDS, SCORES, text, mode="text")
+    assert (sel.selected, sel.strategy) == (2, "text")
+    with pytest.raises(ValueError):
+        select(CANDS, SCORES, None, mode="text")
+    with pytest.raises(ValueError):
+        select(CANDS, SCORES, text, mode="nope")
+
+
+def test_multi_instance_prompts_on_one_image(tiny_pipeline, rgb_image):
+    """One encoder pass for many instances; each result is what a single prompt gives."""
+    calls = []
+    hook = tiny_pipeline.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        emb = tiny_pipeline.embed(rgb_image)
+        prompts = [dict(points=[[30 + 60 * i, 40 + 30 * i]], text=t)
+                   for i, t in enumerate(["the red circle", "the blue square", "the red circle"])]
+        batch = tiny_pipeline.segment_batch(emb, prompts)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    for p, r in zip(prompts, batch, strict=False):
+        single = tiny_pipeline.segment(emb, p["points"], text=p["text"])
+        np.testing.assert_array_equal(r.text_mask, single.text_mask)
+        np.testing.assert_allclose(r.candidate_scores, single.candidate_scores, atol=1e-5)
+        assert r.selected == single.selected and r.strategy == single.strategy

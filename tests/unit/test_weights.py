@@ -1,0 +1,60 @@
+"""Weight sources: local paths, official SAM files verified by sha256, hub ids; offline fails fast."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from biprompt import weights
+from biprompt.errors import WeightsUnavailableError
+from biprompt.weights import (
+    OfficialSam,
+    fetch_official_sam,
+    official_sam,
+    resolve_dir,
+    resolve_file,
+)
+
+
+def test_official_names_resolve():
+    for name in ("vit_b", "sam_vit_b", "sam_vit_b_01ec64.pth", weights.OFFICIAL_SAM["vit_b"].url):
+        assert official_sam(name).variant == "vit_b"
+    assert official_sam("something_else") is None
+
+
+def test_offline_fails_fast_and_names_the_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match=r"sam_vit_h_4b8939\.pth.*pass its path"):
+        resolve_file("vit_h")
+    with pytest.raises(WeightsUnavailableError, match="YxZhang/evf-sam.*local path"):
+        resolve_dir("YxZhang/evf-sam")
+    assert time.monotonic() - start < 5
+
+
+def test_local_paths_win(tmp_path):
+    f = tmp_path / "my.pth"
+    f.write_bytes(b"x")
+    assert resolve_file(f) == f
+    assert resolve_dir(tmp_path) == tmp_path
+    with pytest.raises(WeightsUnavailableError, match="neither a file"):
+        resolve_file(tmp_path / "nope.pth")
+
+
+def test_download_is_verified_by_sha256(tmp_path, monkeypatch):
+    """The real download path, against a file:// URL (no network)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    src = tmp_path / "src" / "sam_fake_123456.pth"
+    src.parent.mkdir()
+    payload = b"pretend checkpoint bytes" * 100
+    src.write_bytes(payload)
+    good = OfficialSam("fake", src.as_uri(), len(payload), hashlib.sha256(payload).hexdigest())
+    got = fetch_official_sam(good, tmp_path / "cache")
+    assert got.read_bytes() == payload
+    assert fetch_official_sam(good, tmp_path / "cache") == got  # cached: no second download
+    bad = OfficialSam("fake", src.as_uri(), len(payload), "0" * 64)
+    with pytest.raises(WeightsUnavailableError, match="failed verification"):
+        fetch_official_sam(bad, tmp_path / "other")
+    assert not list((tmp_path / "other").iterdir())  # nothing half-written left behind
