@@ -4,6 +4,7 @@ checkpoint directory or at random, and model profiles (YAML)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,15 @@ def read_profile(path: str | Path) -> dict:
     for section in ("sam", "text_model"):
         part = profile.get(section) or {}
         ckpt = part.get("checkpoint")
-        if isinstance(ckpt, str) and ckpt.startswith("."):
-            part["checkpoint"] = str((path.parent / ckpt).resolve())
+        if isinstance(ckpt, str):
+            ckpt = os.path.expandvars(ckpt)
+            if "${" in ckpt or ckpt.startswith("$"):
+                raise ModelConfigError(
+                    f"{path}: {section}.checkpoint is {part['checkpoint']!r} and that "
+                    "environment variable is not set"
+                )
+            if ckpt.startswith("."):
+                ckpt = str((path.parent / ckpt).resolve())
+            part["checkpoint"] = ckpt
     profile.setdefault("name", path.stem)
     return profile

@@ -73,3 +73,17 @@ def test_profiles(tmp_path):
         BiPromptPipeline.from_config(bad)
     with pytest.raises(ModelConfigError, match="unknown dtype"):
         BiPromptPipeline.from_config("configs/models/tiny.yaml", dtype="float8")
+
+
+@pytest.mark.parametrize("profile", ["sam-vit-h+evf-sam", "sam-vit-b+evf-sam"])
+def test_real_profiles_fail_fast_offline(profile, monkeypatch):
+    """No network and nothing cached: a clear error naming what to supply, not a hang."""
+    from biprompt.errors import WeightsUnavailableError
+
+    monkeypatch.setenv("BIPROMPT_EVF_BASE", "someone/evf-sam-base")
+    with pytest.raises(WeightsUnavailableError, match="sam_vit_[hb]_.*pass its path"):
+        BiPromptPipeline.from_config(f"configs/models/{profile}.yaml")
+    monkeypatch.delenv("BIPROMPT_EVF_BASE")
+    if profile == "sam-vit-b+evf-sam":
+        with pytest.raises(ModelConfigError, match="BIPROMPT_EVF_BASE.*not set"):
+            BiPromptPipeline.from_config(f"configs/models/{profile}.yaml")
