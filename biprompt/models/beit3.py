@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torchscale.architecture.config import EncoderConfig
 from torchscale.model.BEiT3 import BEiT3
 
 import biprompt._compat  # noqa: F401  (torchscale imports timm; see _compat)
 from biprompt.errors import ModelConfigError
+from biprompt.models.spec import SpecDict
 
 
 @dataclass(frozen=True)
-class Beit3Spec:
+class Beit3Spec(SpecDict):
     embed_dim: int = 1024
     layers: int = 24
     heads: int = 16
@@ -21,16 +22,6 @@ class Beit3Spec:
     patch_size: int = 16
     vocab_size: int = 64010
     max_source_positions: int = 1024
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Beit3Spec:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ModelConfigError(f"unknown BEiT-3 spec fields: {unknown}")
-        return cls(**d)
 
 
 BEIT3_SCALES: dict[str, Beit3Spec] = {

@@ -8,7 +8,7 @@ without being told its variant.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -21,11 +21,12 @@ from segment_anything.modeling import (
 )
 
 from biprompt.errors import CheckpointError, ModelConfigError
+from biprompt.models.spec import SpecDict
 from biprompt.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 
 @dataclass(frozen=True)
-class SamSpec:
+class SamSpec(SpecDict):
     """Shapes of a SAM model. Defaults are the official ones (vit_b encoder)."""
 
     encoder_dim: int = 768
@@ -48,21 +49,6 @@ class SamSpec:
     def embedding_size(self) -> int:
         """Side of the image embedding grid (64 for the official models)."""
         return self.img_size // self.patch_size
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["global_attn_indexes"] = list(self.global_attn_indexes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SamSpec:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ModelConfigError(f"unknown SAM spec fields: {unknown}")
-        if "global_attn_indexes" in known:
-            known["global_attn_indexes"] = tuple(known["global_attn_indexes"])
-        return cls(**known)
 
 
 SAM_VARIANTS: dict[str, SamSpec] = {
