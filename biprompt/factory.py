@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,8 +57,9 @@ def load_sam(source: str | Path | None, variant: str | dict | SamSpec | None = N
     if any(k.startswith("visual_model.") for k in state):
         log.warning("using the visual_model of an EVF-SAM checkpoint (%s) as SAM: its prompt "
                     "encoder and mask decoder are EVF's fine-tuned ones", source)
-        state, name = sub_state(state, "visual_model."), name if name.endswith("visual_model") \
-            else f"{name}/visual_model"
+        state = sub_state(state, "visual_model.")
+        if not name.endswith("visual_model"):
+            name = f"{name}/visual_model"
     spec = get_sam_spec(variant) if variant is not None else match_variant(infer_sam_spec(state))
     model = materialize(lambda: build_sam(spec), state, f"SAM checkpoint {source}",
                         fix_buffers=fix_sam_buffers)
@@ -72,7 +73,6 @@ class LoadedText:
     config: EvfConfig
     model_id: str
     encoder_probe: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def load_text_model(source: str | Path, **limits) -> LoadedText:

@@ -22,7 +22,6 @@ from biprompt.models.sam import SAM_SCALES, SamSpec, build_sam, get_sam_spec
 
 # Our extension of config.json for non-official (small) shapes; absent in the official files.
 CUSTOM_KEY = "biprompt"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
