@@ -68,9 +68,25 @@ class WeightsUnavailableError(ModelConfigError):
     type = "weights_unavailable"
 
 
+class UnauthorizedError(BiPromptError):
+    """A missing or wrong API key (Authorization: Bearer <key>)."""
+
+    status_code = 401
+    type = "unauthorized"
+
+
 class OverloadedError(BiPromptError):
+    """Queues are full or a replica is unavailable: retry after `retry_after_s`."""
+
     status_code = 503
     type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # keep retry_after_s across Ray's pickling
+        return (type(self), (self.message, self.retry_after_s))
 
 
 ERROR_TYPES: dict[str, type[BiPromptError]] = {
@@ -78,6 +94,6 @@ ERROR_TYPES: dict[str, type[BiPromptError]] = {
     for cls in (
         BiPromptError, InvalidInputError, InvalidImageError, InvalidPromptError,
         PayloadTooLargeError, NotFoundError, ModelConfigError, CheckpointError,
-        WeightsUnavailableError, OverloadedError,
+        WeightsUnavailableError, UnauthorizedError, OverloadedError,
     )
 }

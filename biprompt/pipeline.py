@@ -52,6 +52,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+class _Released(torch.nn.Module):
+    """Stands in for a released image encoder: keeps `img_size`, refuses to run."""
+
+    def __init__(self, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, *_):
+        raise RuntimeError("this pipeline's image encoder was released")
+
+
 class BiPromptPipeline:
     def __init__(
         self,
@@ -80,6 +91,7 @@ class BiPromptPipeline:
         self.agreement_threshold = agreement_threshold
         self.max_pixels = max_pixels
         self.name = name or self.sam_model_id
+        self.roles: tuple[str, ...] = self.ROLES
 
     @staticmethod
     def _check_text_model(sam: LoadedSam, text: LoadedText) -> None:
@@ -148,6 +160,28 @@ class BiPromptPipeline:
         }
         return cls(sam, text, **options)
 
+    ROLES = ("encoder", "points", "text")
+
+    def release(self, keep: Sequence[str]) -> BiPromptPipeline:
+        """Free the weights a single-role process never uses (a serving replica runs one role):
+        'encoder' = SAM's image encoder, 'points' = SAM's prompt encoder and mask decoder,
+        'text' = BEiT-3 and EVF's decoder. The text config stays: embeddings need its image size."""
+        unknown = set(keep) - set(self.ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}; use {self.ROLES}")
+        if "encoder" not in keep:  # postprocess_masks still reads the encoder's img_size
+            self.sam.image_encoder = _Released(self.spec.img_size)
+        if "points" not in keep:
+            self.sam.prompt_encoder = self.sam.mask_decoder = None
+        if "text" not in keep and self.text is not None:
+            self.text.model = None
+        self.roles = tuple(keep)
+        return self
+
+    def _require(self, role: str) -> None:
+        if role not in self.roles:
+            raise RuntimeError(f"this pipeline was released to {self.roles}; it can't run {role!r}")
+
     @property
     def model_ids(self) -> dict[str, str | None]:
         return {"sam": self.sam_model_id, "text": self.text.model_id if self.text else None}
@@ -164,6 +198,7 @@ class BiPromptPipeline:
         """Encode several images in one encoder call (they are padded to the same square)."""
         if not images:
             return []
+        self._require("encoder")
         rgbs = [to_rgb_array(im, self.max_pixels)[0] for im in images]
         size = self.spec.img_size
         resized = [sam_resize(rgb, size) for rgb in rgbs]
@@ -198,6 +233,7 @@ class BiPromptPipeline:
     @torch.no_grad()
     def decode_points(self, emb: ImageEmbedding, prompts: Sequence[Prompt]) -> list[PointCandidates]:
         """SAM's three candidates for each prompt, batched per (number of points, has box)."""
+        self._require("points")
         results: list[PointCandidates | None] = [None] * len(prompts)
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, p in enumerate(prompts):
@@ -243,6 +279,7 @@ class BiPromptPipeline:
             return []
         if self.text is None:
             raise InvalidPromptError("this pipeline has no text model: it serves point prompts only")
+        self._require("text")
         for e in embeddings:
             if e.beit_image is None:
                 raise InvalidImageError("embedding has no text-model view: re-embed the image "

@@ -1,0 +1,335 @@
+"""The embedding cache: one SAM encoder pass per image, shared by every later click, text, request
+and replica; and the text-mask cache, so repeated words skip BEiT-3.
+
+Keys: model id + preprocessing version + sha256 of the image bytes (text masks add the text
+model's id and the text's sha256). Values: never pickle. A value is
+
+    b"BPC1" | uint32 LE header length | msgpack header | raw array bytes
+
+where the header names each array's dtype, shape, offset and length, the model id and sizes. A
+value that is truncated, mislabelled or made by another model is a miss, never an error.
+
+Two stores, one interface (`get`, `set`, both async):
+- `RedisStore`: shared. Short timeouts and no retries: Redis down or slow means a miss (logged,
+  counted through `observer`), and after a failure Redis is skipped for `cooldown_s` so a dead
+  server doesn't add a timeout to every request; then it is tried again and caching resumes.
+- `LocalStore`: an in-process LRU bounded in bytes, with TTL. The embedded default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+
+from biprompt.preprocess import PREPROCESS_VERSION
+from biprompt.types import ImageEmbedding
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"BPC1"
+_PREFIX = struct.Struct("<4sI")
+_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
+
+Observer = Callable[[str, str], None]  # (what, outcome), e.g. ("embedding", "hit")
+
+
+class CacheFormatError(ValueError):
+    """A cached value we can't trust: treated as a miss."""
+
+
+def image_id(data: bytes) -> str:
+    """The public id of an image: sha256 of its encoded bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def embedding_key(model_id: str, img_id: str) -> str:
+    return f"biprompt:v{FORMAT_VERSION}:emb:{model_id}:p{PREPROCESS_VERSION}:{img_id}"
+
+
+def text_mask_key(sam_id: str, text_id: str, img_id: str, text: str) -> str:
+    digest = hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:32]
+    return f"biprompt:v{FORMAT_VERSION}:txt:{text_id}:{sam_id}:p{PREPROCESS_VERSION}:{img_id}:{digest}"
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def pack(kind: str, arrays: dict[str, np.ndarray], **meta) -> bytes:
+    specs, chunks, offset = [], [], 0
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.name not in _DTYPES:
+            raise ValueError(f"cannot cache {arr.dtype} arrays")
+        specs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape),
+                      "offset": offset, "nbytes": arr.nbytes})
+        chunks.append(arr.tobytes())
+        offset += arr.nbytes
+    header = msgpack.packb({"v": FORMAT_VERSION, "kind": kind, "arrays": specs, **meta})
+    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *chunks])
+
+
+def unpack(blob: bytes, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """-> (header, arrays). Arrays are writable copies. Raises CacheFormatError."""
+    try:
+        magic, n = _PREFIX.unpack_from(blob)
+        if magic != MAGIC:
+            raise CacheFormatError("bad magic")
+        header = msgpack.unpackb(blob[_PREFIX.size : _PREFIX.size + n])
+        if header.get("v") != FORMAT_VERSION or header.get("kind") != kind:
+            raise CacheFormatError(f"format {header.get('v')}/{header.get('kind')}, want {kind}")
+        body = memoryview(blob)[_PREFIX.size + n :]
+        arrays, total = {}, 0
+        for s in header["arrays"]:
+            dtype = np.dtype(_DTYPES[s["dtype"]])
+            count = int(np.prod(s["shape"], dtype=np.int64))
+            if count * dtype.itemsize != s["nbytes"] or s["offset"] + s["nbytes"] > len(body):
+                raise CacheFormatError(f"array {s['name']} does not fit the value")
+            raw = body[s["offset"] : s["offset"] + s["nbytes"]]
+            arrays[s["name"]] = np.frombuffer(raw, dtype=dtype).reshape(s["shape"]).copy()
+            total += s["nbytes"]
+        if total != len(body):
+            raise CacheFormatError(f"{len(body) - total} stray bytes after the arrays")
+    except CacheFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is a corrupt value
+        raise CacheFormatError(f"unreadable value: {exc}") from exc
+    return header, arrays
+
+
+def pack_embedding(emb: ImageEmbedding, dtype: str = "float16", **meta) -> bytes:
+    """The embedding in `dtype` (float16 halves transport and cache; float32 is lossless) and the
+    text model's view in float32 (small; keeps text masks exactly the in-process ones)."""
+    arrays = {"embedding": emb.embedding.detach().to(torch.float32).cpu().numpy().astype(dtype)}
+    if emb.beit_image is not None:
+        arrays["beit_image"] = emb.beit_image.detach().to(torch.float32).cpu().numpy()
+    return pack("embedding", arrays, model_id=emb.model_id, original_size=list(emb.original_size),
+                input_size=list(emb.input_size), image_id=emb.image_id, **meta)
+
+
+def embedding_header(blob: bytes) -> dict:
+    """The header alone (sizes, model id): what the ingress needs to validate prompts."""
+    return unpack_header(blob, "embedding")
+
+
+def unpack_header(blob: bytes, kind: str) -> dict:
+    try:
+        magic, n = _PREFIX.unpack_from(blob)
+        header = msgpack.unpackb(blob[_PREFIX.size : _PREFIX.size + n])
+    except Exception as exc:  # noqa: BLE001
+        raise CacheFormatError(f"unreadable header: {exc}") from exc
+    if magic != MAGIC or header.get("v") != FORMAT_VERSION or header.get("kind") != kind:
+        raise CacheFormatError(f"not a {kind} value")
+    return header
+
+
+def unpack_embedding(blob: bytes, model_id: str | None = None) -> ImageEmbedding:
+    header, arrays = unpack(blob, "embedding")
+    if model_id is not None and header.get("model_id") != model_id:
+        raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
+    if "embedding" not in arrays or arrays["embedding"].ndim != 4:
+        raise CacheFormatError("no 4-d embedding")
+    beit = arrays.get("beit_image")
+    return ImageEmbedding(
+        embedding=torch.from_numpy(arrays["embedding"]),
+        original_size=tuple(header["original_size"]),
+        input_size=tuple(header["input_size"]),
+        model_id=header["model_id"],
+        beit_image=None if beit is None else torch.from_numpy(beit),
+        image_id=header.get("image_id"),
+    )
+
+
+def pack_mask(mask: np.ndarray, model_id: str) -> bytes:
+    m = np.asarray(mask, dtype=bool)
+    return pack("mask", {"bits": np.packbits(m.reshape(-1))}, shape=list(m.shape), model_id=model_id)
+
+
+def unpack_mask(blob: bytes, model_id: str | None = None) -> np.ndarray:
+    header, arrays = unpack(blob, "mask")
+    if model_id is not None and header.get("model_id") != model_id:
+        raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
+    shape = header.get("shape")
+    bits = arrays.get("bits")
+    if bits is None or not shape or len(shape) != 2:
+        raise CacheFormatError("not a 2-d mask")
+    n = int(shape[0]) * int(shape[1])
+    if len(bits) != (n + 7) // 8:
+        raise CacheFormatError("mask bits do not match its shape")
+    return np.unpackbits(bits, count=n).astype(bool).reshape(shape)
+
+
+# --- stores ---------------------------------------------------------------------------------
+
+
+def _ignore(what: str, outcome: str) -> None:
+    pass
+
+
+class LocalStore:
+    """In-process LRU bounded by total bytes, with a TTL. Not shared between processes."""
+
+    shared = False
+
+    def __init__(self, max_bytes: int = 512 * 2**20, ttl_s: float | None = 3600,
+                 observer: Observer | None = None):
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self.observer = observer or _ignore
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def describe(self) -> str:
+        return f"local LRU ({self._bytes}/{self.max_bytes} bytes, {len(self._items)} entries)"
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires and time.monotonic() > expires:
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        if key in self._items:
+            self._drop(key)
+        expires = time.monotonic() + self.ttl_s if self.ttl_s else 0.0
+        self._items[key] = (expires, value)
+        self._bytes += len(value)
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
+
+    async def delete(self, key: str) -> None:
+        if key in self._items:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        _, value = self._items.pop(key)
+        self._bytes -= len(value)
+
+    async def ping(self) -> bool:
+        return True
+
+
+class RedisStore:
+    """Redis with short timeouts, no retries, and a cool-down after a failure."""
+
+    shared = True
+
+    def __init__(self, url: str, ttl_s: float | None = 3600, timeout_s: float = 0.5,
+                 cooldown_s: float = 2.0, observer: Observer | None = None):
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url, self.ttl_s, self.cooldown_s = url, ttl_s, cooldown_s
+        self.observer = observer or _ignore
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
+        )
+        self._down_until = 0.0
+
+    def describe(self) -> str:
+        state = "down, skipped" if self._skipping() else "up"
+        return f"redis {self._safe_url()} ({state})"
+
+    def _safe_url(self) -> str:
+        # never log a password
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+    def _skipping(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        if not self._skipping():
+            log.warning("redis %s failed (%s: %s); serving without the cache for %.1f s",
+                        op, type(exc).__name__, exc, self.cooldown_s)
+        self._down_until = time.monotonic() + self.cooldown_s
+        self.observer("redis", "error")
+
+    async def _call(self, op: str, coro_fn):
+        if self._skipping():
+            self.observer("redis", "skipped")
+            return None
+        try:
+            return await coro_fn()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cache must never fail a request
+            self._failed(op, exc)
+            return None
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call("GET", lambda: self._client.get(key))
+
+    async def set(self, key: str, value: bytes) -> None:
+        ex = int(self.ttl_s) if self.ttl_s else None
+        await self._call("SET", lambda: self._client.set(key, value, ex=ex))
+
+    async def delete(self, key: str) -> None:
+        await self._call("DEL", lambda: self._client.delete(key))
+
+    async def ping(self) -> bool:
+        return bool(await self._call("PING", self._client.ping))
+
+
+def make_store(url: str | None, ttl_s: float | None = 3600, *, local_max_bytes: int = 512 * 2**20,
+               timeout_s: float = 0.5, observer: Observer | None = None) -> LocalStore | RedisStore:
+    """`url` None or "" or "local": the in-process LRU; "redis://..." / "rediss://...": Redis."""
+    if not url or url == "local":
+        return LocalStore(local_max_bytes, ttl_s, observer)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"cache url {url!r}: use redis://host:port/db, or leave it empty for "
+                         "the in-process cache")
+    return RedisStore(url, ttl_s, timeout_s, observer=observer)
+
+
+@dataclass
+class Cached:
+    """Typed access to a store: embeddings and text masks, corrupt values as misses."""
+
+    store: LocalStore | RedisStore
+    observer: Observer = _ignore
+
+    async def get_embedding_blob(self, key: str, model_id: str) -> bytes | None:
+        """The raw value, checked (header, sizes, model id) but not decoded."""
+        blob = await self.store.get(key)
+        if blob is not None:
+            try:
+                unpack_embedding(blob, model_id)
+            except CacheFormatError as exc:
+                log.warning("dropping corrupt cache entry %s: %s", key, exc)
+                self.observer("embedding", "corrupt")
+                await self.store.delete(key)
+                blob = None
+        self.observer("embedding", "miss" if blob is None else "hit")
+        return blob
+
+    async def get_mask(self, key: str, model_id: str) -> np.ndarray | None:
+        blob = await self.store.get(key)
+        mask = None
+        if blob is not None:
+            try:
+                mask = unpack_mask(blob, model_id)
+            except CacheFormatError as exc:
+                log.warning("dropping corrupt cache entry %s: %s", key, exc)
+                self.observer("text_mask", "corrupt")
+                await self.store.delete(key)
+        self.observer("text_mask", "miss" if mask is None else "hit")
+        return mask

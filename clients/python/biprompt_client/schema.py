@@ -1,0 +1,219 @@
+"""The v1 wire schema, shared by the server (FastAPI validates and documents with it) and the
+client. One definition: the server imports these models, it does not redefine them.
+
+Bodies travel as JSON (`application/json`; image and PNG bytes as base64 strings) or msgpack
+(`application/msgpack`; raw bytes, no base64). `encode_body` / `decode_body` do both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_VERSION = "v1"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+MEDIA_TYPES = (JSON, MSGPACK)
+
+MAX_TEXT_CHARS = 2048  # a hard wire limit; the text model's own (token) limit is checked later
+MAX_WIRE_POINTS = 64
+
+Mode = Literal["biprompt", "point", "text"]
+MaskFormat = Literal["rle", "png", "none"]
+CacheState = Literal["hit", "miss"]
+ImageId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the image bytes")]
+Point = tuple[float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmentRequest(_Strict):
+    """One object on one image. Give `image` (the encoded file: PNG, JPEG, ...) or the `image_id`
+    an earlier call returned."""
+
+    image: bytes | None = Field(None, description="encoded image; base64 in JSON, raw in msgpack")
+    image_id: ImageId | None = None
+    points: list[Point] = Field(default_factory=list, max_length=MAX_WIRE_POINTS,
+                                description="[[x, y], ...] in original-image pixels")
+    point_labels: list[int] | None = Field(None, description="1 foreground, 0 background; "
+                                           "default: all 1")
+    box: tuple[float, float, float, float] | None = Field(None, description="[x0, y0, x1, y1]")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="referring expression")
+    mode: Mode = "biprompt"
+    mask_format: MaskFormat = "rle"
+    return_candidates: bool = Field(False, description="include the three candidate masks")
+    return_text_mask: bool = Field(False, description="include the text model's mask")
+
+    @model_validator(mode="after")
+    def _one_image(self) -> SegmentRequest:
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("give exactly one of `image` and `image_id`")
+        return self
+
+
+class EmbedRequest(_Strict):
+    image: bytes = Field(description="encoded image; base64 in JSON, raw in msgpack")
+
+
+class BatchRequest(_Strict):
+    items: list[SegmentRequest] = Field(min_length=1)
+
+
+class RLE(BaseModel):
+    """COCO compressed RLE, as pycocotools writes it (counts decoded to str)."""
+
+    size: tuple[int, int]
+    counts: str
+
+
+Mask = RLE | bytes  # rle -> RLE; png -> PNG bytes (base64 in JSON)
+
+
+class Candidate(BaseModel):
+    index: int
+    predicted_iou: float
+    text_iou: float | None = None
+    mask: Mask | None = None
+
+
+class ModelIds(BaseModel):
+    sam: str
+    text: str | None = None
+
+
+class SegmentResponse(BaseModel):
+    request_id: str
+    image_id: str
+    width: int
+    height: int
+    mode: Mode
+    mask_format: MaskFormat
+    mask: Mask | None = None
+    selected: int | None = None
+    strategy: str
+    agreement: float | None = None
+    candidates: list[Candidate] = Field(default_factory=list)
+    text_mask: Mask | None = None
+    cache: CacheState = Field(description="the image embedding: hit or miss")
+    text_cache: CacheState | None = Field(None, description="the text mask: hit, miss or none")
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    model: ModelIds
+
+
+class EmbedResponse(BaseModel):
+    request_id: str
+    image_id: str
+    width: int
+    height: int
+    cache: CacheState
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    model: ModelIds
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class BatchItem(BaseModel):
+    status: int = Field(description="the HTTP status this item would have had on its own")
+    result: SegmentResponse | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchResponse(BaseModel):
+    request_id: str
+    results: list[BatchItem]
+
+
+class ModelInfo(BaseModel):
+    model: ModelIds
+    sam_variant: str
+    image_size: int
+    text_model: bool
+    limits: dict[str, Any]
+    cache: str
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+class WireError(ValueError):
+    """A body that can't be parsed as the declared media type."""
+
+
+def media_type(content_type: str | None) -> str:
+    """Normalise a Content-Type / Accept value to JSON or MSGPACK (JSON when absent)."""
+    ct = (content_type or "").split(";")[0].strip().lower()
+    if ct in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        return MSGPACK
+    return JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def encode_body(obj: Any, media: str = JSON) -> bytes:
+    """A dict (or pydantic model) -> JSON (bytes as base64) or msgpack (bytes raw)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="python", exclude_none=False)
+    if media == MSGPACK:
+        return msgpack.packb(obj, use_bin_type=True)
+    return json.dumps(_jsonable(obj), separators=(",", ":")).encode("utf-8")
+
+
+_BYTES_FIELDS = ("image",)
+
+
+def decode_body(data: bytes, media: str = JSON) -> Any:
+    """Parse a request body. JSON: the `image` fields are base64 strings and come back as bytes."""
+    if media == MSGPACK:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
+            raise WireError(f"body is not valid msgpack: {exc}") from None
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"body is not valid JSON: {exc}") from None
+    return _unbase64(obj)
+
+
+def _unbase64(obj: Any, path: str = "") -> Any:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k in _BYTES_FIELDS and isinstance(v, str):
+                try:
+                    out[k] = base64.b64decode(v, validate=True)
+                except (binascii.Error, ValueError):
+                    raise WireError(f"{path}{k}: not valid base64") from None
+            else:
+                out[k] = _unbase64(v, f"{path}{k}.")
+        return out
+    if isinstance(obj, list):
+        return [_unbase64(v, f"{path}{i}.") for i, v in enumerate(obj)]
+    return obj
+

@@ -1,0 +1,91 @@
+"""What every deployment shares: loading its part of the pipeline, the cache, metrics, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import cache
+from pathlib import Path
+
+from ray.serve.metrics import Counter, Histogram
+
+from biprompt.cache import Cached, make_store
+from biprompt.pipeline import BiPromptPipeline
+
+log = logging.getLogger("biprompt.serve")
+REPO = Path(__file__).resolve().parent.parent
+
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+AGREEMENT_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0]
+
+
+def profile_path(config: dict) -> Path:
+    p = Path(config["model_profile"]).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def load_pipeline(config: dict, roles: tuple[str, ...]) -> BiPromptPipeline:
+    """This replica's part of the model. Every role loads the same profile, so model ids (and so
+    cache keys) agree across deployments and replicas."""
+    t = time.perf_counter()
+    options = {"max_pixels": config["max_image_pixels"]}
+    if config.get("agreement_threshold") is not None:
+        options["agreement_threshold"] = config["agreement_threshold"]
+    pipe = BiPromptPipeline.from_config(profile_path(config), **options).release(roles)
+    log.info("loaded %s for %s in %.1f s", pipe.model_ids, roles, time.perf_counter() - t)
+    return pipe
+
+
+@cache
+def metrics() -> dict:
+    """Created once per process (Ray exports them to Prometheus next to Serve's own)."""
+    return {
+        "cache": Counter("biprompt_cache_lookups", description="Cache lookups by kind and outcome "
+                         "(hit, miss, corrupt) and Redis errors/skips while it is down.",
+                         tag_keys=("kind", "outcome")),
+        "encoder_images": Counter("biprompt_encoder_images", description="Images run through the "
+                                  "SAM image encoder."),
+        "text_pairs": Counter("biprompt_text_model_pairs", description="(image, text) pairs run "
+                              "through BEiT-3 + EVF's decoder."),
+        "decoder_prompts": Counter("biprompt_point_decoder_prompts", description="Point/box prompts "
+                                   "decoded."),
+        "batch": Histogram("biprompt_batch_size", description="Items per batched model call.",
+                           boundaries=BATCH_BOUNDARIES, tag_keys=("role",)),
+        "strategy": Counter("biprompt_selection", description="Selections by strategy.",
+                            tag_keys=("strategy",)),
+        "agreement": Histogram("biprompt_selection_agreement", description="IoU of the chosen "
+                               "candidate with the text mask.", boundaries=AGREEMENT_BOUNDARIES),
+    }
+
+
+def cache_observer(what: str, outcome: str) -> None:
+    try:
+        metrics()["cache"].inc(tags={"kind": what, "outcome": outcome})
+    except Exception:  # noqa: BLE001 - counting must never fail a request
+        log.exception("could not count a cache %s %s", what, outcome)
+
+
+def make_cache(config: dict) -> Cached:
+    store = make_store(config.get("cache_url"), config.get("cache_ttl_s"),
+                       local_max_bytes=int(config.get("local_cache_mb", 512) * 2**20),
+                       timeout_s=config.get("cache_timeout_s", 0.5), observer=cache_observer)
+    return Cached(store, cache_observer)
+
+
+async def run_model(fn, *args):
+    """Model calls run off the event loop so a replica keeps answering (health checks, batching)
+    while torch works; torch releases the GIL."""
+    t = time.perf_counter()
+    out = await asyncio.to_thread(fn, *args)
+    return out, (time.perf_counter() - t) * 1000.0
+
+
+def configure_batching(batch_method, options: dict | None) -> None:
+    """Apply `user_config` {"max_batch_size", "batch_wait_timeout_s"} to a @serve.batch method."""
+    if not options:
+        return
+    if "max_batch_size" in options:
+        batch_method.set_max_batch_size(int(options["max_batch_size"]))
+    if "batch_wait_timeout_s" in options:
+        batch_method.set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))

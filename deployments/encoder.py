@@ -1,0 +1,71 @@
+"""ImageEncoder: SAM's image encoder over batches of images (a GPU each in production).
+
+Takes a decoded RGB array and its image id; returns the cache-format value (fp16 embedding +
+header), which the point decoder and text model take as their input. With a shared cache (Redis)
+it writes the value itself, and looks first: another ingress replica may have just encoded the
+same image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+from biprompt.cache import embedding_key, pack_embedding
+from deployments.common import configure_batching, load_pipeline, make_cache, metrics, run_model
+
+
+@serve.deployment(name="ImageEncoder", max_ongoing_requests=16, max_queued_requests=128,
+                  ray_actor_options={"num_cpus": 0.5})
+class ImageEncoder:
+    def __init__(self, config: dict):
+        self.pipe = load_pipeline(config, roles=("encoder",))
+        self.dtype = config["embedding_dtype"]
+        self.cache = make_cache(config)
+        self.model_id = self.pipe.sam_model_id
+        self.counts = {"requests": 0, "images": 0, "batches": 0, "shared_cache_hits": 0}
+
+    def reconfigure(self, user_config: dict) -> None:
+        configure_batching(self._encode, user_config)
+
+    def info(self) -> dict:
+        text = self.pipe.text
+        return {
+            "model": self.pipe.model_ids,
+            "sam_variant": self.pipe.spec.name,
+            "image_size": self.pipe.spec.img_size,
+            "text_model": text is not None,
+        }
+
+    def stats(self) -> dict:
+        return dict(self.counts)
+
+    async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes:
+        self.counts["requests"] += 1
+        key = embedding_key(self.model_id, image_id)
+        if self.cache.store.shared:
+            blob = await self.cache.store.get(key)
+            if blob is not None:
+                self.counts["shared_cache_hits"] += 1
+                return blob
+        # arrays from another process arrive as read-only views
+        return await self._encode((np.array(rgb), image_id, key))
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _encode(self, items: list[tuple[np.ndarray, str, str]]) -> list[bytes]:
+        unique: dict[str, np.ndarray] = {}
+        for rgb, _, key in items:
+            unique.setdefault(key, rgb)
+        embs, ms = await run_model(self.pipe.embed_batch, list(unique.values()))
+        self.counts["batches"] += 1
+        self.counts["images"] += len(unique)
+        metrics()["encoder_images"].inc(len(unique))
+        metrics()["batch"].observe(len(unique), tags={"role": "ImageEncoder"})
+        blobs = {}
+        for key, emb in zip(unique, embs, strict=True):
+            emb.image_id = key.rsplit(":", 1)[1]
+            blobs[key] = pack_embedding(emb, self.dtype, encode_ms=ms / len(unique),
+                                        batch_size=len(unique))
+            if self.cache.store.shared:
+                await self.cache.store.set(key, blobs[key])
+        return [blobs[key] for _, _, key in items]

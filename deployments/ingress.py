@@ -1,0 +1,375 @@
+"""Ingress: the v1 HTTP API (FastAPI through @serve.ingress). Validation, request ids, auth,
+error mapping, the cache lookups and the fan-out; no model math.
+
+One segment request:
+    hash the image -> embedding cache -> (miss) ImageEncoder, single-flight per image
+      -> PointDecoder and TextMask in parallel on the same embedding (DeploymentResponses passed
+         along, not awaited) -> Selector joins them -> response.
+
+No `from __future__ import annotations` here: FastAPI must resolve the route signatures' types.
+"""
+
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from biprompt_client.schema import (
+    JSON,
+    MSGPACK,
+    BatchRequest,
+    BatchResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorBody,
+    ModelInfo,
+    SegmentRequest,
+    SegmentResponse,
+    WireError,
+    decode_body,
+    encode_body,
+    media_type,
+)
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from biprompt.cache import embedding_header, embedding_key, pack_mask, text_mask_key
+from biprompt.cache import image_id as hash_image
+from biprompt.errors import (
+    BiPromptError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
+from biprompt.images import decode_image_bytes
+from biprompt.prompts import make_prompt
+from deployments.common import make_cache
+
+log = logging.getLogger("biprompt.serve")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PUBLIC = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+
+
+def _body_doc(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {
+        JSON: {"schema": schema}, MSGPACK: {"schema": schema}}}}
+
+
+_ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 413, 422, 503)}
+
+api = FastAPI(
+    title="biprompt-serve",
+    version="1",
+    summary="BiPrompt-SAM: SAM point prompts + EVF-SAM text masks, selected by IoU",
+    description="Bodies are JSON (image bytes as base64) or `application/msgpack` (raw bytes). "
+    "Masks are COCO compressed RLE unless `mask_format` says png or none. Every error body is "
+    '`{"error": {"type", "message", "request_id"}}`.',
+)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a deployment raised, unwrapped from Ray's RayTaskError."""
+    while isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
+def as_api_error(exc: BaseException) -> BiPromptError:
+    exc = _cause(exc)
+    if isinstance(exc, BiPromptError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("the model queues are full; retry shortly")
+    if isinstance(exc, DeploymentUnavailableError):
+        return OverloadedError("a model deployment is unavailable; retry shortly", 5.0)
+    if isinstance(exc, RequestValidationError):
+        return InvalidInputError("; ".join(str(e.get("msg")) for e in exc.errors()[:5]))
+    if isinstance(exc, ValidationError):
+        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                         for e in exc.errors()[:5])
+        return InvalidInputError(errs)
+    if isinstance(exc, WireError):
+        return InvalidInputError(str(exc))
+    log.exception("internal error", exc_info=exc)
+    return BiPromptError(f"internal error ({type(exc).__name__}); the request id is in the logs")
+
+
+def error_info(err: BiPromptError, request_id: str | None) -> dict:
+    return {"type": err.type, "message": err.message, "request_id": request_id}
+
+
+@api.middleware("http")
+async def _request_context(request: Request, call_next):
+    rid = request.headers.get("x-request-id", "")
+    request.state.request_id = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.request_id
+    return response
+
+
+@api.exception_handler(BiPromptError)
+@api.exception_handler(RequestValidationError)
+@api.exception_handler(StarletteHTTPException)
+async def _api_error(request: Request, exc: Exception):
+    if isinstance(exc, StarletteHTTPException):  # e.g. unknown route or method
+        err = BiPromptError(str(exc.detail))
+        err.status_code, err.type = exc.status_code, "http_error"
+        return error_response(request, err)
+    return error_response(request, as_api_error(exc))
+
+
+def error_response(request: Request, err: BiPromptError) -> Response:
+    rid = getattr(request.state, "request_id", None)
+    headers = {}
+    if isinstance(err, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    if isinstance(err, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    media = _reply_media(request)
+    return Response(encode_body({"error": error_info(err, rid)}, media), err.status_code,
+                    headers=headers, media_type=media)
+
+
+def _reply_media(request: Request) -> str:
+    accept = request.headers.get("accept", "")
+    if "msgpack" in accept:
+        return MSGPACK
+    if "json" in accept:
+        return JSON
+    return media_type(request.headers.get("content-type"))
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256,
+                  ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle,
+                 text: DeploymentHandle, selector: DeploymentHandle, config: dict):
+        self.encoder, self.decoder, self.text, self.selector = encoder, decoder, text, selector
+        self.config = config
+        self.cache = make_cache(config)
+        self.api_key = config.get("api_key") or None
+        self.max_body = int(config["max_body_mb"] * 2**20)
+        self.max_pixels = int(config["max_image_pixels"])
+        self.max_items = int(config["max_batch_items"])
+        self._info: dict | None = None
+        self._inflight: dict[str, DeploymentResponse] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def info(self) -> dict:
+        if self._info is None:
+            self._info = await self.encoder.info.remote()
+        return self._info
+
+    def _auth(self, request: Request) -> None:
+        if not self.api_key or request.url.path in _PUBLIC:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    async def _parse(self, request: Request, model):
+        self._auth(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise PayloadTooLargeError(f"body is {declared} bytes; the limit is {self.max_body}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLargeError(f"body exceeds the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise InvalidInputError("empty body: send a JSON or msgpack object")
+        try:
+            return model.model_validate(decode_body(body, media_type(request.headers.get("content-type"))))
+        except (ValidationError, WireError) as exc:
+            raise as_api_error(exc) from None
+
+    def _reply(self, request: Request, obj: Any) -> Response:
+        media = _reply_media(request)
+        return Response(encode_body(obj, media), 200, media_type=media)
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    async def _embedding(self, image: bytes | None, img_id: str | None, timings: dict):
+        """-> (embedding value or in-flight DeploymentResponse, (h, w), "hit" | "miss")."""
+        info = await self.info()
+        sam_id = info["model"]["sam"]
+        if image is not None:
+            img_id = hash_image(image)
+        key = embedding_key(sam_id, img_id)
+        t = time.perf_counter()
+        blob = await self.cache.get_embedding_blob(key, sam_id)
+        timings["cache"] = (time.perf_counter() - t) * 1000.0
+        if blob is not None:
+            h, w = embedding_header(blob)["original_size"]
+            return blob, (h, w), "hit", img_id
+        if image is None:
+            raise NotFoundError(f"unknown image_id {img_id}: it was never embedded here, or its "
+                                "embedding expired from the cache; send the image itself")
+        t = time.perf_counter()
+        rgb, _ = decode_image_bytes(image, self.max_pixels)
+        timings["image_decode"] = (time.perf_counter() - t) * 1000.0
+        return self._encode(rgb, img_id, key), rgb.shape[:2], "miss", img_id
+
+    def _encode(self, rgb, img_id: str, key: str) -> DeploymentResponse:
+        """Single-flight: concurrent requests for one new image share one encoder call."""
+        resp = self._inflight.get(key)
+        if resp is None:
+            resp = self.encoder.remote(rgb, img_id)
+            self._inflight[key] = resp
+            self._background(self._settle(key, resp))
+        return resp
+
+    async def _settle(self, key: str, resp: DeploymentResponse) -> None:
+        try:
+            blob = await resp
+            if not self.cache.store.shared:
+                await self.cache.store.set(key, blob)
+        except Exception:  # noqa: BLE001 - the requests waiting on it report the error
+            pass
+        finally:
+            self._inflight.pop(key, None)
+
+    # --- segment ----------------------------------------------------------------------------
+
+    async def segment_one(self, req: SegmentRequest, rid: str) -> dict:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        info = await self.info()
+        emb, size, cache_state, img_id = await self._embedding(req.image, req.image_id, timings)
+        prompt = make_prompt(size, req.points or None, req.point_labels, box=req.box,
+                             text=req.text, mode=req.mode)
+        points = None
+        if len(prompt.points) or prompt.box is not None:
+            points = self.decoder.remote(emb, prompt)
+        text, text_cache = None, None
+        if prompt.text is not None and prompt.mode != "point":
+            if not info["text_model"]:
+                raise InvalidInputError("this server has no text model: use mode 'point' or "
+                                        "leave out text")
+            text, text_cache = await self._text_mask(emb, prompt.text, img_id, info)
+        spec = {"mode": prompt.mode, "mask_format": req.mask_format,
+                "return_candidates": req.return_candidates,
+                "return_text_mask": req.return_text_mask}
+        out = await self.selector.remote(points, text, spec)
+        if cache_state == "miss":
+            header = embedding_header(await emb)
+            timings["encoder"] = header.get("encode_ms", 0.0)
+        timings.update(out.pop("timings_ms"))
+        timings["total"] = (time.perf_counter() - t0) * 1000.0
+        h, w = size
+        return {"request_id": rid, "image_id": img_id, "width": w, "height": h,
+                "mode": prompt.mode, "mask_format": req.mask_format, **out,
+                "cache": cache_state, "text_cache": text_cache, "timings_ms": timings,
+                "model": info["model"]}
+
+    async def _text_mask(self, emb, text: str, img_id: str, info: dict):
+        key = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id, text)
+        mask = await self.cache.get_mask(key, info["model"]["text"])
+        if mask is not None:
+            return mask, "hit"
+        resp = self.text.remote(emb, text, key)
+        if not self.cache.store.shared:
+            self._background(self._remember_mask(key, resp, info["model"]["text"]))
+        return resp, "miss"
+
+    async def _remember_mask(self, key: str, resp: DeploymentResponse, model_id: str) -> None:
+        try:
+            out = await resp
+            await self.cache.store.set(key, pack_mask(out["mask"], model_id))
+        except Exception:  # noqa: BLE001 - the request itself reports the error
+            pass
+
+    # --- routes -----------------------------------------------------------------------------
+
+    @api.post("/v1/segment", response_model=SegmentResponse, responses=_ERRORS,
+              openapi_extra=_body_doc(SegmentRequest))
+    async def segment(self, request: Request):
+        """Segment one object from points (and/or a box) and a referring expression."""
+        req = await self._parse(request, SegmentRequest)
+        return self._reply(request, await self._guard(self.segment_one(req, request.state.request_id)))
+
+    @api.post("/v1/segment/batch", response_model=BatchResponse, responses=_ERRORS,
+              openapi_extra=_body_doc(BatchRequest))
+    async def segment_batch(self, request: Request):
+        """Many segment requests in one call: results (or per-item errors) in input order. Items
+        on the same image share one encoder pass."""
+        req = await self._parse(request, BatchRequest)
+        if len(req.items) > self.max_items:
+            raise PayloadTooLargeError(f"{len(req.items)} items; at most {self.max_items} per "
+                                       "batch call")
+        rid = request.state.request_id
+        results = await asyncio.gather(*[self._item(it, f"{rid}/{i}")
+                                         for i, it in enumerate(req.items)])
+        return self._reply(request, {"request_id": rid, "results": results})
+
+    async def _item(self, req: SegmentRequest, rid: str) -> dict:
+        try:
+            return {"status": 200, "result": await self._guard(self.segment_one(req, rid)),
+                    "error": None}
+        except Exception as exc:  # noqa: BLE001 - one bad item must not fail the batch
+            err = as_api_error(exc)
+            return {"status": err.status_code, "result": None, "error": error_info(err, rid)}
+
+    @api.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS,
+              openapi_extra=_body_doc(EmbedRequest))
+    async def embed(self, request: Request):
+        """Precompute an image's embedding; later requests can send `image_id` instead."""
+        req = await self._parse(request, EmbedRequest)
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        emb, (h, w), state, img_id = await self._guard(self._embedding(req.image, None, timings))
+        if state == "miss":
+            timings["encoder"] = embedding_header(await self._guard(emb)).get("encode_ms", 0.0)
+        timings["total"] = (time.perf_counter() - t0) * 1000.0
+        info = await self.info()
+        return self._reply(request, {"request_id": request.state.request_id, "image_id": img_id,
+                                     "width": w, "height": h, "cache": state,
+                                     "timings_ms": timings, "model": info["model"]})
+
+    @api.get("/v1/models", response_model=ModelInfo, responses=_ERRORS)
+    async def models(self, request: Request):
+        """The models this server runs, its limits and its cache."""
+        self._auth(request)
+        info = await self.info()
+        limits = {"max_body_bytes": self.max_body, "max_image_pixels": self.max_pixels,
+                  "max_batch_items": self.max_items, "max_points": 64}
+        return self._reply(request, {**info, "limits": limits, "cache": self.cache.store.describe()})
+
+    @api.get("/healthz")
+    async def health(self):
+        """Liveness and cache state; needs no API key."""
+        ok = await self.cache.store.ping()
+        return {"status": "ok", "cache": self.cache.store.describe(), "cache_ok": ok}
+
+    async def _guard(self, awaitable):
+        try:
+            return await awaitable
+        except Exception as exc:  # noqa: BLE001
+            raise as_api_error(exc) from None
+
