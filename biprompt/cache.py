@@ -128,7 +128,8 @@ def unpack_header(blob: bytes, kind: str) -> dict:
         header = msgpack.unpackb(blob[_PREFIX.size : _PREFIX.size + n])
     except Exception as exc:  # noqa: BLE001
         raise CacheFormatError(f"unreadable header: {exc}") from exc
-    if magic != MAGIC or header.get("v") != FORMAT_VERSION or header.get("kind") != kind:
+    if (magic != MAGIC or not isinstance(header, dict) or header.get("v") != FORMAT_VERSION
+            or header.get("kind") != kind):
         raise CacheFormatError(f"not a {kind} value")
     return header
 
@@ -140,14 +141,17 @@ def unpack_embedding(blob: bytes, model_id: str | None = None) -> ImageEmbedding
     if "embedding" not in arrays or arrays["embedding"].ndim != 4:
         raise CacheFormatError("no 4-d embedding")
     beit = arrays.get("beit_image")
-    return ImageEmbedding(
-        embedding=torch.from_numpy(arrays["embedding"]),
-        original_size=tuple(header["original_size"]),
-        input_size=tuple(header["input_size"]),
-        model_id=header["model_id"],
-        beit_image=None if beit is None else torch.from_numpy(beit),
-        image_id=header.get("image_id"),
-    )
+    try:
+        return ImageEmbedding(
+            embedding=torch.from_numpy(arrays["embedding"]),
+            original_size=tuple(header["original_size"]),
+            input_size=tuple(header["input_size"]),
+            model_id=header["model_id"],
+            beit_image=None if beit is None else torch.from_numpy(beit),
+            image_id=header.get("image_id"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheFormatError(f"bad embedding header: {exc!r}") from exc
 
 
 def pack_mask(mask: np.ndarray, model_id: str) -> bytes:
@@ -161,12 +165,15 @@ def unpack_mask(blob: bytes, model_id: str | None = None) -> np.ndarray:
         raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
     shape = header.get("shape")
     bits = arrays.get("bits")
-    if bits is None or not shape or len(shape) != 2:
+    if bits is None or not isinstance(shape, list) or len(shape) != 2:
         raise CacheFormatError("not a 2-d mask")
-    n = int(shape[0]) * int(shape[1])
-    if len(bits) != (n + 7) // 8:
+    try:
+        h, w = int(shape[0]), int(shape[1])
+    except (TypeError, ValueError) as exc:
+        raise CacheFormatError(f"bad mask shape {shape!r}") from exc
+    if min(h, w) < 0 or bits.dtype != np.uint8 or bits.shape != ((h * w + 7) // 8,):
         raise CacheFormatError("mask bits do not match its shape")
-    return np.unpackbits(bits, count=n).astype(bool).reshape(shape)
+    return np.unpackbits(bits, count=h * w).astype(bool).reshape(h, w)
 
 
 # --- stores ---------------------------------------------------------------------------------
