@@ -85,6 +85,8 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
         w, h = img.size
         _check_size(h, w, max_pixels)  # before decoding pixels: no decompression bombs
         img.load()
+    except PayloadTooLargeError:
+        raise  # a ValueError too: must not become "could not decode"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"could not decode the image bytes: {exc}") from None
     except Image.DecompressionBombError as exc:

@@ -55,6 +55,10 @@ def test_undecodable_empty_tiny_and_huge_images():
         to_rgb_array(np.zeros((1, 5, 3), dtype=np.uint8))
     with pytest.raises(PayloadTooLargeError, match="limit is 100"):
         to_rgb_array(np.zeros((20, 20, 3), dtype=np.uint8), max_pixels=100)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(png, format="PNG")
+    with pytest.raises(PayloadTooLargeError, match="limit is 100"):  # encoded bytes too
+        to_rgb_array(png.getvalue(), max_pixels=100)
     with pytest.raises(InvalidImageError, match="HxWx3"):
         to_rgb_array(np.zeros((5, 5, 2), dtype=np.uint8))
     with pytest.raises(InvalidImageError, match="not found"):
