@@ -318,10 +318,12 @@ class BiPromptPipeline:
                 self.text.tokenizer.validate(p.text)
         with_points = [i for i, p in enumerate(ps) if len(p.points) or p.box is not None]
         cands = dict(zip(with_points, self.decode_points(emb, [ps[i] for i in with_points]), strict=False))
-        texts = sorted({p.text.strip() for p in ps if p.text is not None and self.text is not None})
-        masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=False))
-        return [self._result(p, cands.get(i), masks.get(p.text.strip()) if p.text else None)
-                for i, p in enumerate(ps)]
+        # mode 'point' ignores the text: it doesn't pay for the text model
+        wants_text = [p.text is not None and p.mode != "point" for p in ps]
+        texts = sorted({p.text.strip() for p, w in zip(ps, wants_text, strict=True) if w})
+        masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=True))
+        return [self._result(p, cands.get(i), masks[p.text.strip()] if w else None)
+                for i, (p, w) in enumerate(zip(ps, wants_text, strict=True))]
 
     def _result(self, p: Prompt, c: PointCandidates | None, text_mask: np.ndarray | None) -> SegmentResult:
         if c is None:  # text mode without points
