@@ -116,9 +116,8 @@ def error_info(err: BiPromptError, request_id: str | None) -> dict:
 async def _request_context(request: Request, call_next):
     rid = request.headers.get("x-request-id", "")
     request.state.request_id = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request.state.request_id
-    return response
+    # Serve's proxy forwards (or makes) the X-Request-ID and echoes it on the response
+    return await call_next(request)
 
 
 @api.exception_handler(BiPromptError)

@@ -35,3 +35,12 @@ def rgb_image():
     img = rng.integers(0, 255, size=(240, 320, 3), dtype=np.uint8)
     img[60:140, 100:200] = (220, 50, 50)
     return img
+
+
+@pytest.fixture
+def redis_server():
+    """A fresh redis-server on a free port, killed after the test."""
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server
