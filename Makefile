@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements/cpu.txt requ
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check biprompt tests
+	$(PY) -m ruff check biprompt deployments graph.py clients tests
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -42,7 +42,7 @@ def sam_normalize_pad(x: torch.Tensor, img_size: int) -> torch.Tensor:
 def beit3_input(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """HxWx3 uint8 -> 1x3xSxS: [0,1], bicubic resize without antialiasing or clamping, then
     normalised with mean = std = 0.5 (EVF-SAM's torchvision pipeline on a float tensor)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
     x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
     return (x - 0.5) / 0.5
 
