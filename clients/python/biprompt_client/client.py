@@ -33,6 +33,16 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
                 disable=not progress or total == 0, leave=desc == "segment")
 
 
+def _report_done(plan: Plan, todo: list[int], on_result) -> None:
+    """Items settled before the segment phase (their image failed to embed)."""
+    if on_result is None:
+        return
+    pending = set(todo)
+    for i, r in enumerate(plan.results):
+        if i not in pending and r is not None:
+            on_result(i, r)
+
+
 def _segment_args(image: ImageInput | None, **kwargs: Any) -> dict[str, Any]:
     return {"image": image, **kwargs}
 
@@ -118,10 +128,12 @@ class BiPromptClient(BaseClient):
     # --- segment_many -----------------------------------------------------------------------
 
     def segment_many(self, requests: Iterable[Mapping[str, Any]], concurrency: int = 8,
-                     progress: bool = True) -> list[Result]:
+                     progress: bool = True,
+                     on_result: Callable[[int, Result], Any] | None = None) -> list[Result]:
         """Run many segment requests concurrently (threads); results in input order, a
         BatchError for each failed item. Each image used by several items is uploaded and
-        embedded once, then referenced by image_id. Stats go to `last_batch_stats`."""
+        embedded once, then referenced by image_id. Stats go to `last_batch_stats`.
+        `on_result(index, result)` is called as each item finishes (e.g. to stream to a file)."""
         t0 = time.perf_counter()
         reqs = list(requests)
         plan = self._plan(reqs)
@@ -133,10 +145,14 @@ class BiPromptClient(BaseClient):
                     bar.update()
             todo = [i for i, r in enumerate(plan.results) if r is None]
             with _bar(len(reqs), "segment", progress) as bar:
+                _report_done(plan, todo, on_result)
                 bar.update(len(reqs) - len(todo))
                 futures = {pool.submit(self._run_item, plan, i): i for i in todo}
                 for fut in as_completed(futures):
-                    plan.results[futures[fut]] = fut.result()
+                    i = futures[fut]
+                    plan.results[i] = fut.result()
+                    if on_result is not None:
+                        on_result(i, plan.results[i])
                     bar.update()
         self.last_batch_stats = plan.stats(time.perf_counter() - t0)
         return [r for r in plan.results if r is not None]
@@ -245,7 +261,8 @@ class AsyncBiPromptClient(BaseClient):
         return await self._request("GET", "/healthz")
 
     async def segment_many(self, requests: Iterable[Mapping[str, Any]], concurrency: int = 8,
-                           progress: bool = True) -> list[Result]:
+                           progress: bool = True,
+                           on_result: Callable[[int, Result], Any] | None = None) -> list[Result]:
         """As BiPromptClient.segment_many, with at most `concurrency` calls in flight."""
         t0 = time.perf_counter()
         reqs = list(requests)
@@ -268,11 +285,14 @@ class AsyncBiPromptClient(BaseClient):
 
         todo = [i for i, r in enumerate(plan.results) if r is None]
         with _bar(len(reqs), "segment", progress) as bar:
+            _report_done(plan, todo, on_result)
             bar.update(len(reqs) - len(todo))
 
             async def run_one(i: int) -> None:
                 async with sem:
                     plan.results[i] = await self._run_item(plan, i)
+                if on_result is not None:
+                    on_result(i, plan.results[i])
                 bar.update()
 
             await asyncio.gather(*(run_one(i) for i in todo))

@@ -1,0 +1,311 @@
+"""The `biprompt` command: serve, segment, embed, batch.
+
+    biprompt serve [--config configs/serve/local-cpu.yaml]
+    biprompt segment photo.jpg --point 420,310 --text "the dog on the left" --overlay o.png
+    biprompt embed 'images/*.jpg'
+    biprompt batch requests.jsonl --out results.jsonl
+
+The server URL comes from --url or BIPROMPT_URL, the key from --api-key or BIPROMPT_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import BiPromptClientError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def _pair(text: str, n: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _client(args):
+    from .client import BiPromptClient
+
+    return BiPromptClient(args.url, api_key=args.api_key, timeout=args.timeout, wire=args.wire)
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    config = Path(args.config)
+    if not config.is_file():
+        print(f"error: no serve config at {config} (run from the repo root, or pass --config)",
+              file=sys.stderr)
+        return 2
+    serve = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
+    if not Path(serve).exists():
+        print("error: `serve` (Ray Serve) is not installed here: the server needs the full "
+              "biprompt-serve install (make test / make demo build it)", file=sys.stderr)
+        return 2
+    try:
+        return subprocess.call([serve, "run", str(config)])
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- segment --------------------------------------------------------------------------------
+
+
+def cmd_segment(args) -> int:
+    points = args.point or []
+    labels = args.label if args.label else None
+    if labels is not None and len(labels) != len(points):
+        print(f"error: {len(labels)} --label for {len(points)} --point", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        res = client.segment(args.image, points=points or None, labels=labels, box=args.box,
+                             text=args.text, mode=args.mode,
+                             return_candidates=args.candidates)
+    mask = res.mask
+    if args.out:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(args.out)
+    if args.overlay:
+        from .overlay import render_overlay
+
+        rgb = np.asarray(Image.open(args.image).convert("RGB"))
+        render_overlay(rgb, mask, points, labels, args.text).save(args.overlay)
+    if args.json:
+        print(json.dumps(res.raw))
+    else:
+        agreement = "-" if res.agreement is None else f"{res.agreement:.3f}"
+        print(f"image_id {res.image_id}\n"
+              f"selected {res.selected}  strategy {res.strategy}  agreement {agreement}\n"
+              f"mask {int(mask.sum())} px of {mask.size}  cache {'hit' if res.cache_hit else 'miss'}"
+              f"  {res.timings_ms.get('total', 0):.0f} ms")
+        for path in filter(None, (args.out, args.overlay)):
+            print(f"wrote {path}")
+    return 0
+
+
+# --- embed ----------------------------------------------------------------------------------
+
+
+def _expand(pattern: str) -> list[Path]:
+    p = Path(pattern)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+
+
+def cmd_embed(args) -> int:
+    files = _expand(args.images)
+    if not files:
+        print(f"error: no images match {args.images!r}", file=sys.stderr)
+        return 2
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
+    counts = {"miss": 0, "hit": 0, "error": 0}
+    t0 = time.perf_counter()
+    with _client(args) as client, ThreadPoolExecutor(args.concurrency) as pool:
+        def one(path: Path) -> dict:
+            try:
+                info = client.embed_info(path)
+                return {"image": str(path), "image_id": info["image_id"], "cache": info["cache"]}
+            except BiPromptClientError as exc:
+                return {"image": str(path), "error": {"type": exc.type, "message": str(exc)}}
+
+        for rec in tqdm(pool.map(one, files), total=len(files), unit="image",
+                        disable=args.no_progress):
+            counts[rec.get("cache", "error")] += 1
+            if out:
+                out.write(json.dumps(rec) + "\n")
+            elif "error" in rec:
+                print(f"{rec['image']}: {rec['error']['message']}", file=sys.stderr)
+    if out:
+        out.close()
+    dt = time.perf_counter() - t0
+    print(f"embedded {len(files)} images in {dt:.1f} s: {counts['miss']} encoded, "
+          f"{counts['hit']} already cached, {counts['error']} errors", file=sys.stderr)
+    return 1 if counts["error"] else 0
+
+
+# --- batch ----------------------------------------------------------------------------------
+
+_REQUEST_KEYS = {"image", "image_id", "points", "labels", "point_labels", "box", "text", "mode",
+                 "mask_format", "return_candidates", "return_text_mask"}
+
+
+def read_requests(path: Path) -> list[dict]:
+    """JSONL lines {"id", "image" (path, relative to the file) or "image_id", "points", ...}."""
+    reqs, seen = [], set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {path}:{n}: not JSON ({exc})") from None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise SystemExit(f"error: {path}:{n}: each line needs an \"id\"")
+        rid = str(rec["id"])
+        if rid in seen:
+            raise SystemExit(f"error: {path}:{n}: duplicate id {rid!r}")
+        seen.add(rid)
+        unknown = set(rec) - _REQUEST_KEYS - {"id"}
+        if unknown:
+            raise SystemExit(f"error: {path}:{n}: unknown keys {sorted(unknown)}")
+        if "image" in rec:
+            img = Path(rec["image"])
+            rec["image"] = img if img.is_absolute() else path.parent / img
+        if "point_labels" in rec:
+            rec["labels"] = rec.pop("point_labels")
+        reqs.append(rec)
+    return reqs
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids already in the output; a line cut short by an interruption is dropped."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    ids = set()
+    for line in data.decode().splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def result_line(rid: str, req: dict, result) -> dict:
+    if result.ok:
+        raw = result.raw
+        return {"id": rid, "ok": True, "image_id": raw["image_id"], "mask": raw["mask"],
+                "selected": raw["selected"], "strategy": raw["strategy"],
+                "agreement": raw["agreement"], "cache": raw["cache"],
+                "text_cache": raw.get("text_cache"), "timings_ms": raw.get("timings_ms", {})}
+    exc = result.error
+    return {"id": rid, "ok": False, "error": {
+        "type": getattr(exc, "type", type(exc).__name__), "message": str(exc),
+        "status_code": getattr(exc, "status_code", None),
+        "request_id": getattr(exc, "request_id", None)}}
+
+
+def cmd_batch(args) -> int:
+    src, out = Path(args.requests), Path(args.out)
+    reqs = read_requests(src)
+    skip = done_ids(out)
+    todo = [r for r in reqs if str(r["id"]) not in skip]
+    print(f"batch: {len(reqs)} requests, {len(reqs) - len(todo)} already in {out}, "
+          f"{len(todo)} to run", file=sys.stderr)
+    counts = {"ok": 0, "errors": 0, "hits": 0}
+    with open(out, "a") as fh, _client(args) as client:
+        def write(i: int, result) -> None:
+            line = result_line(str(todo[i]["id"]), todo[i], result)
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            counts["ok" if line["ok"] else "errors"] += 1
+            counts["hits"] += line.get("cache") == "hit"
+
+        payloads = [{k: v for k, v in r.items() if k != "id"} for r in todo]
+        t0 = time.perf_counter()
+        client.segment_many(payloads, concurrency=args.concurrency,
+                            progress=not args.no_progress, on_result=write)
+        stats = getattr(client, "last_batch_stats", {}) or {}
+    print(summary(counts, stats, time.perf_counter() - t0, len(todo)), file=sys.stderr)
+    return 1 if counts["errors"] else 0
+
+
+def summary(counts: dict, stats: dict, seconds: float, n: int) -> str:
+    embed_misses = stats.get("embed_calls", 0) - stats.get("embed_cache_hits", 0)
+    seg_misses = counts["ok"] - counts["hits"]
+    misses = embed_misses + seg_misses
+    done = counts["ok"] + counts["errors"]
+    rate = done / seconds if seconds > 0 else 0.0
+    hit_rate = (counts["ok"] - misses) / counts["ok"] if counts["ok"] else 0.0
+    return (f"done: {done}/{n} items, {counts['ok']} ok, {counts['errors']} errors, "
+            f"{seconds:.1f} s ({rate:.1f} items/s)\n"
+            f"images: {stats.get('images', 0)} distinct; encoder misses {misses}, cache hits "
+            f"{max(0, counts['ok'] - misses)} ({hit_rate:.0%} of ok items); text-mask cache hits "
+            f"{stats.get('text_cache_hits', 0)}")
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="biprompt", description=__doc__.split("\n")[0])
+    p.add_argument("--url", default=os.environ.get("BIPROMPT_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", default=os.environ.get("BIPROMPT_API_KEY"))
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--wire", choices=["msgpack", "json"], default="msgpack")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the local app in the foreground (Ray Serve)")
+    s.add_argument("--config", default="configs/serve/local-cpu.yaml")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("segment", help="segment one object in one image")
+    s.add_argument("image")
+    s.add_argument("--point", action="append", type=lambda t: _pair(t, 2, "--point"),
+                   metavar="X,Y", help="a click in image pixels; repeat for more")
+    s.add_argument("--label", action="append", type=int, choices=[0, 1],
+                   help="1 foreground (default) / 0 background, one per --point")
+    s.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), metavar="X0,Y0,X1,Y1")
+    s.add_argument("--text", help="the referring expression")
+    s.add_argument("--mode", choices=["biprompt", "point", "text"], default="biprompt")
+    s.add_argument("--out", help="write the mask as a PNG (0/255)")
+    s.add_argument("--overlay", help="write the mask, points and text over the image as a PNG")
+    s.add_argument("--candidates", action="store_true", help="also fetch the three candidates")
+    s.add_argument("--json", action="store_true", help="print the full response as JSON")
+    s.set_defaults(fn=cmd_segment)
+
+    s = sub.add_parser("embed", help="precompute embeddings for a folder or glob of images")
+    s.add_argument("images", help="a directory (recursive) or a glob such as 'data/*.jpg'")
+    s.add_argument("--out", help="append {image, image_id, cache} lines to this JSONL file")
+    s.add_argument("--concurrency", type=int, default=8)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("batch", help="run a JSONL file of requests; resumable")
+    s.add_argument("requests", help='JSONL: {"id", "image" or "image_id", "points", "text", ...}')
+    s.add_argument("--out", required=True, help="results JSONL (ids already there are skipped)")
+    s.add_argument("--concurrency", type=int, default=8)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_batch)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BiPromptClientError as exc:
+        rid = f" (request {exc.request_id})" if getattr(exc, "request_id", None) else ""
+        print(f"error: {exc}{rid}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
