@@ -1,9 +1,10 @@
-"""The `biprompt` command: serve, segment, embed, batch.
+"""The `biprompt` command: serve, segment, embed, batch, eval.
 
     biprompt serve [--config configs/serve/local-cpu.yaml]
     biprompt segment photo.jpg --point 420,310 --text "the dog on the left" --overlay o.png
     biprompt embed 'images/*.jpg'
     biprompt batch requests.jsonl --out results.jsonl
+    biprompt eval shapes --n 500 --seed 12345 --json scores.json   (offline; full install only)
 
 The server URL comes from --url or BIPROMPT_URL, the key from --api-key or BIPROMPT_API_KEY.
 """
@@ -248,6 +249,20 @@ def summary(counts: dict, stats: dict, seconds: float, n: int) -> str:
             f"{stats.get('text_cache_hits', 0)}")
 
 
+# --- eval -----------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    """Offline scoring in this process (no server): needs the server package and torch."""
+    try:
+        from biprompt import evaluate
+    except ImportError as exc:
+        print("error: `biprompt eval` needs the full biprompt-serve install: make test / make "
+              f"demo build it ({exc})", file=sys.stderr)
+        return 2
+    return evaluate.main(args.eval_args, prog="biprompt eval")
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -291,11 +306,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=8)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_batch)
+
+    s = sub.add_parser("eval", add_help=False,
+                       help="score a local pipeline offline: eval shapes --n 500 --seed S "
+                            "[--profile P] [--size WxH] [--json F]")
+    s.add_argument("eval_args", nargs=argparse.REMAINDER,
+                   help="passed to python -m biprompt.evaluate (try: eval --help)")
+    s.set_defaults(fn=cmd_eval)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if args.command != "eval":
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.eval_args = extra + args.eval_args  # `eval --help`: REMAINDER skips leading options
     try:
         return args.fn(args)
     except BiPromptClientError as exc:

@@ -1,0 +1,201 @@
+"""Score a pipeline on ShapesRef (spec: shapes-ref.md, "Scoring"). Plain torch/numpy, no ray.
+
+    python -m biprompt.evaluate shapes --n 500 --seed 12345 [--profile configs/models/demo.yaml]
+                                       [--size 256x256] [--json out.json]
+
+One encoder pass and ONE `segment(..., mode="biprompt")` call per sample; every method is derived
+from that single result:
+- point-only: the candidate with the highest predicted IoU;
+- text-only: the text mask;
+- BiPrompt: the candidate with the highest IoU against the text mask (the spec's rule, no
+  fallback; ties go to the higher predicted IoU, then the lower index);
+- BiPrompt (served): the mask the pipeline returns (with its agreement fallback);
+- oracle: the candidate with the highest IoU against the ground truth (the ceiling of selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from biprompt.data.shapes_ref import make_samples
+from biprompt.metrics import Scores
+from biprompt.selection import select
+
+POINT, TEXT, BIPROMPT, SERVED, ORACLE = (
+    "point-only", "text-only", "BiPrompt", "BiPrompt (served)", "oracle",
+)  # fmt: skip
+METHODS: tuple[str, ...] = (POINT, TEXT, BIPROMPT, SERVED, ORACLE)
+SUBSETS: tuple[str, ...] = ("all", "ambiguous")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILES = ("configs/models/demo.yaml", "configs/models/tiny.yaml")
+
+
+def summarize(scores: Scores) -> dict[str, float | None]:
+    """{"miou", "ciou", "mdice"} of accumulated pairs; None (JSON null) when there were none."""
+
+    def clean(v: float) -> float | None:
+        return None if math.isnan(v) else float(v)
+
+    return {"miou": clean(scores.miou), "ciou": clean(scores.ciou), "mdice": clean(scores.mdice)}
+
+
+def best_candidate(candidates: np.ndarray, scores: np.ndarray, reference: np.ndarray) -> int:
+    """Index of the candidate with the highest IoU against `reference`; ties go to the higher
+    predicted IoU, then the lower index (BiPrompt's rule, without its agreement fallback)."""
+    return select(candidates, scores, reference, mode="text").selected
+
+
+def method_masks(result, gt_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Each method's mask, all derived from one biprompt-mode SegmentResult."""
+    cands, scores = result.candidates, np.asarray(result.candidate_scores, dtype=np.float64)
+    return {
+        POINT: cands[int(np.argmax(scores))],
+        TEXT: result.text_mask,
+        BIPROMPT: cands[best_candidate(cands, scores, result.text_mask)],
+        SERVED: result.mask,
+        ORACLE: cands[best_candidate(cands, scores, gt_mask)],
+    }
+
+
+def evaluate_shapes(
+    pipeline,
+    n: int = 500,
+    seed: int = 12345,
+    height: int = 256,
+    width: int = 256,
+    progress: bool = False,
+) -> dict:
+    """Score every method on the first `n` ShapesRef samples of `seed`; a JSON-able dict."""
+    if pipeline.text is None:
+        raise ValueError("evaluating ShapesRef needs a pipeline with a text model")
+    samples = make_samples(n, seed, height, width)
+    scores = {m: {s: Scores() for s in SUBSETS} for m in METHODS}
+    strategies: Counter[str] = Counter()
+    it = samples
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            it = tqdm(samples, unit="sample", file=sys.stderr)
+        except ImportError:  # pragma: no cover - tqdm is a dependency of the full install
+            pass
+    t0 = time.perf_counter()
+    for sample in it:
+        emb = pipeline.embed(sample.image)
+        res = pipeline.segment(emb, [list(sample.point_index)], text=sample.expression,
+                               mode="biprompt")
+        strategies[res.strategy] += 1
+        for method, mask in method_masks(res, sample.gt_mask).items():
+            scores[method]["all"].add(mask, sample.gt_mask)
+            if sample.ambiguous:
+                scores[method]["ambiguous"].add(mask, sample.gt_mask)
+    seconds = time.perf_counter() - t0
+    return {
+        "n": n,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "n_ambiguous": sum(bool(s.ambiguous) for s in samples),
+        "model": dict(pipeline.model_ids),
+        "methods": {m: {s: summarize(scores[m][s]) for s in SUBSETS} for m in METHODS},
+        "seconds": round(seconds, 3),
+        "strategies": dict(sorted(strategies.items())),
+    }
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table: one row per method, mIoU / cIoU / mDice overall and on ambiguous samples."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"ShapesRef: n={result['n']} seed={result['seed']} size={result['width']}x"
+        f"{result['height']} ambiguous={result['n_ambiguous']}",
+        "",
+        "| method | mIoU | cIoU | mDice | mIoU (amb.) | cIoU (amb.) | mDice (amb.) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, subsets in result["methods"].items():
+        cells = [f(subsets[s][k]) for s in SUBSETS for k in ("miou", "ciou", "mdice")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be WxH, e.g. 320x240; got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"--size must be positive, got {text!r}")
+    return w, h
+
+
+def default_profile() -> Path:
+    for rel in DEFAULT_PROFILES:
+        if (REPO_ROOT / rel).is_file():
+            return REPO_ROOT / rel
+    return REPO_ROOT / DEFAULT_PROFILES[-1]
+
+
+def resolve_profile(path: str | Path | None) -> Path:
+    """A profile path as given (relative to the cwd), else relative to the repo root."""
+    if path is None:
+        return default_profile()
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).is_file() else p
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Score a BiPrompt pipeline offline.")
+    sub = p.add_subparsers(dest="domain", required=True)
+    s = sub.add_parser("shapes", help="ShapesRef v1 (spec: shapes-ref.md)")
+    s.add_argument("--n", type=int, default=500, help="samples (default 500)")
+    s.add_argument("--seed", type=int, default=12345)
+    s.add_argument("--profile", default=None,
+                   help="model profile YAML (default configs/models/demo.yaml if present, "
+                        "else configs/models/tiny.yaml)")
+    s.add_argument("--size", type=parse_size, default=(256, 256), metavar="WxH",
+                   help="canvas, width x height (default 256x256)")
+    s.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result here")
+    s.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = parser(prog).parse_args(argv)
+    from biprompt.pipeline import BiPromptPipeline
+
+    profile = resolve_profile(args.profile)
+    if not profile.is_file():
+        print(f"error: no model profile at {profile}", file=sys.stderr)
+        return 2
+    pipeline = BiPromptPipeline.from_config(profile)
+    width, height = args.size
+    result = evaluate_shapes(pipeline, n=args.n, seed=args.seed, height=height, width=width,
+                             progress=not args.no_progress and sys.stderr.isatty())
+    result["profile"] = str(profile)
+    print(format_table(result))
+    print(f"\n{result['seconds']:.1f} s; strategies {result['strategies']}; "
+          f"model {result['model']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
