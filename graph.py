@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
 from ray.serve import Application
 
 from biprompt.factory import read_profile
@@ -28,6 +29,20 @@ from deployments.text_mask import TextMask
 REPO = Path(__file__).resolve().parent
 DEPLOYMENTS = {"ImageEncoder": ImageEncoder, "PointDecoder": PointDecoder, "TextMask": TextMask,
                "Selector": Selector, "Ingress": Ingress}
+# Defaults for the embedded app: fits one 2-core machine. Serve configs (serve_config.yaml,
+# configs/serve/*.yaml) override them per deployment, GPUs included; GPU counts live there only.
+DEFAULT_OPTIONS: dict[str, dict] = {
+    "ImageEncoder": {"max_ongoing_requests": 16, "max_queued_requests": 128,
+                     "ray_actor_options": {"num_cpus": 0.5}},
+    "PointDecoder": {"max_ongoing_requests": 32, "max_queued_requests": 256,
+                     "ray_actor_options": {"num_cpus": 0.25}},
+    "TextMask": {"max_ongoing_requests": 16, "max_queued_requests": 128,
+                 "ray_actor_options": {"num_cpus": 0.5}},
+    "Selector": {"max_ongoing_requests": 64, "max_queued_requests": 512,
+                 "ray_actor_options": {"num_cpus": 0.1}},
+    "Ingress": {"max_ongoing_requests": 64, "max_queued_requests": 256,
+                "ray_actor_options": {"num_cpus": 0.1}},
+}
 
 
 def _env(name: str, default=None):
@@ -38,7 +53,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_profile: str = Field(
-        default_factory=lambda: _env("BIPROMPT_PROFILE", "configs/models/tiny.yaml"),
+        default_factory=lambda: _env("BIPROMPT_PROFILE", "configs/models/demo.yaml"),
         description="model profile YAML (configs/models/*.yaml); relative to the repo root")
     cache_url: str | None = Field(
         default_factory=lambda: _env("BIPROMPT_CACHE_URL"),
@@ -84,8 +99,8 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     config = resolve_config(args)
 
     def dep(name: str):
-        d = DEPLOYMENTS[name]
-        return d.options(**args.deployment_options[name]) if name in args.deployment_options else d
+        options = {**DEFAULT_OPTIONS[name], **args.deployment_options.get(name, {})}
+        return serve.deployment(DEPLOYMENTS[name], name=name, **options)
 
     encoder = dep("ImageEncoder").bind(config)
     decoder = dep("PointDecoder").bind(config)

@@ -15,8 +15,6 @@ from biprompt.cache import embedding_key, pack_embedding
 from deployments.common import configure_batching, load_pipeline, make_cache, metrics, run_model
 
 
-@serve.deployment(name="ImageEncoder", max_ongoing_requests=16, max_queued_requests=128,
-                  ray_actor_options={"num_cpus": 0.5})
 class ImageEncoder:
     def __init__(self, config: dict):
         self.pipe = load_pipeline(config, roles=("encoder",))

@@ -1,5 +1,5 @@
-"""Ingress: the v1 HTTP API (FastAPI through @serve.ingress). Validation, request ids, auth,
-error mapping, the cache lookups and the fan-out; no model math.
+"""Ingress: the v1 routes on the FastAPI app of deployments/http.py. Validation, auth, the cache
+lookups and the fan-out; no model math.
 
 One segment request:
     hash the image -> embedding cache -> (miss) ImageEncoder, single-flight per image
@@ -12,20 +12,14 @@ No `from __future__ import annotations` here: FastAPI must resolve the route sig
 
 import asyncio
 import hmac
-import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from biprompt_client.schema import (
-    JSON,
-    MSGPACK,
     BatchRequest,
     BatchResponse,
     EmbedRequest,
     EmbedResponse,
-    ErrorBody,
     ModelInfo,
     SegmentRequest,
     SegmentResponse,
@@ -34,128 +28,40 @@ from biprompt_client.schema import (
     encode_body,
     media_type,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from biprompt.cache import embedding_header, embedding_key, pack_mask, text_mask_key
 from biprompt.cache import image_id as hash_image
 from biprompt.errors import (
-    BiPromptError,
     InvalidInputError,
     NotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
 )
 from biprompt.images import decode_image_bytes
 from biprompt.prompts import make_prompt
 from deployments.common import make_cache
-
-log = logging.getLogger("biprompt.serve")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_PUBLIC = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
-
-
-def _body_doc(model) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {
-        JSON: {"schema": schema}, MSGPACK: {"schema": schema}}}}
-
-
-_ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 413, 422, 503)}
-
-api = FastAPI(
-    title="biprompt-serve",
-    version="1",
-    summary="BiPrompt-SAM: SAM point prompts + EVF-SAM text masks, selected by IoU",
-    description="Bodies are JSON (image bytes as base64) or `application/msgpack` (raw bytes). "
-    "Masks are COCO compressed RLE unless `mask_format` says png or none. Every error body is "
-    '`{"error": {"type", "message", "request_id"}}`.',
+from deployments.http import (
+    ERROR_RESPONSES,
+    PUBLIC_PATHS,
+    api,
+    as_api_error,
+    body_doc,
+    error_info,
+    reply_media,
 )
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The exception a deployment raised, unwrapped from Ray's RayTaskError."""
-    while isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), BaseException):
-        exc = exc.cause
-    return exc
-
-
-def as_api_error(exc: BaseException) -> BiPromptError:
-    exc = _cause(exc)
-    if isinstance(exc, BiPromptError):
-        return exc
-    if isinstance(exc, BackPressureError):
-        return OverloadedError("the model queues are full; retry shortly")
-    if isinstance(exc, DeploymentUnavailableError):
-        return OverloadedError("a model deployment is unavailable; retry shortly", 5.0)
-    if isinstance(exc, RequestValidationError):
-        return InvalidInputError("; ".join(str(e.get("msg")) for e in exc.errors()[:5]))
-    if isinstance(exc, ValidationError):
-        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                         for e in exc.errors()[:5])
-        return InvalidInputError(errs)
-    if isinstance(exc, WireError):
-        return InvalidInputError(str(exc))
-    log.exception("internal error", exc_info=exc)
-    return BiPromptError(f"internal error ({type(exc).__name__}); the request id is in the logs")
-
-
-def error_info(err: BiPromptError, request_id: str | None) -> dict:
-    return {"type": err.type, "message": err.message, "request_id": request_id}
-
-
-@api.middleware("http")
-async def _request_context(request: Request, call_next):
-    rid = request.headers.get("x-request-id", "")
-    request.state.request_id = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
-    # Serve's proxy forwards (or makes) the X-Request-ID and echoes it on the response
-    return await call_next(request)
-
-
-@api.exception_handler(BiPromptError)
-@api.exception_handler(RequestValidationError)
-@api.exception_handler(StarletteHTTPException)
-async def _api_error(request: Request, exc: Exception):
-    if isinstance(exc, StarletteHTTPException):  # e.g. unknown route or method
-        err = BiPromptError(str(exc.detail))
-        err.status_code, err.type = exc.status_code, "http_error"
-        return error_response(request, err)
-    return error_response(request, as_api_error(exc))
-
-
-def error_response(request: Request, err: BiPromptError) -> Response:
-    rid = getattr(request.state, "request_id", None)
-    headers = {}
-    if isinstance(err, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
-    if isinstance(err, UnauthorizedError):
-        headers["WWW-Authenticate"] = "Bearer"
-    media = _reply_media(request)
-    return Response(encode_body({"error": error_info(err, rid)}, media), err.status_code,
-                    headers=headers, media_type=media)
-
-
-def _reply_media(request: Request) -> str:
-    accept = request.headers.get("accept", "")
-    if "msgpack" in accept:
-        return MSGPACK
-    if "json" in accept:
-        return JSON
-    return media_type(request.headers.get("content-type"))
-
-
-@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256,
-                  ray_actor_options={"num_cpus": 0.1})
+# NOTE: serve.ingress must run where the class is defined: it rewrites the routes registered on
+# `api`, and every replica re-imports this module (routes fixed up in graph.py's process only
+# would reach replicas unfixed). serve.deployment and its options are applied in graph.py.
 @serve.ingress(api)
 class Ingress:
+
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle,
                  text: DeploymentHandle, selector: DeploymentHandle, config: dict):
         self.encoder, self.decoder, self.text, self.selector = encoder, decoder, text, selector
@@ -177,7 +83,7 @@ class Ingress:
         return self._info
 
     def _auth(self, request: Request) -> None:
-        if not self.api_key or request.url.path in _PUBLIC:
+        if not self.api_key or request.url.path in PUBLIC_PATHS:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
@@ -204,7 +110,7 @@ class Ingress:
             raise as_api_error(exc) from None
 
     def _reply(self, request: Request, obj: Any) -> Response:
-        media = _reply_media(request)
+        media = reply_media(request)
         return Response(encode_body(obj, media), 200, media_type=media)
 
     def _background(self, coro) -> None:
@@ -306,15 +212,15 @@ class Ingress:
 
     # --- routes -----------------------------------------------------------------------------
 
-    @api.post("/v1/segment", response_model=SegmentResponse, responses=_ERRORS,
-              openapi_extra=_body_doc(SegmentRequest))
+    @api.post("/v1/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES,
+              openapi_extra=body_doc(SegmentRequest))
     async def segment(self, request: Request):
         """Segment one object from points (and/or a box) and a referring expression."""
         req = await self._parse(request, SegmentRequest)
         return self._reply(request, await self._guard(self.segment_one(req, request.state.request_id)))
 
-    @api.post("/v1/segment/batch", response_model=BatchResponse, responses=_ERRORS,
-              openapi_extra=_body_doc(BatchRequest))
+    @api.post("/v1/segment/batch", response_model=BatchResponse, responses=ERROR_RESPONSES,
+              openapi_extra=body_doc(BatchRequest))
     async def segment_batch(self, request: Request):
         """Many segment requests in one call: results (or per-item errors) in input order. Items
         on the same image share one encoder pass."""
@@ -335,8 +241,8 @@ class Ingress:
             err = as_api_error(exc)
             return {"status": err.status_code, "result": None, "error": error_info(err, rid)}
 
-    @api.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS,
-              openapi_extra=_body_doc(EmbedRequest))
+    @api.post("/v1/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
+              openapi_extra=body_doc(EmbedRequest))
     async def embed(self, request: Request):
         """Precompute an image's embedding; later requests can send `image_id` instead."""
         req = await self._parse(request, EmbedRequest)
@@ -351,7 +257,7 @@ class Ingress:
                                      "width": w, "height": h, "cache": state,
                                      "timings_ms": timings, "model": info["model"]})
 
-    @api.get("/v1/models", response_model=ModelInfo, responses=_ERRORS)
+    @api.get("/v1/models", response_model=ModelInfo, responses=ERROR_RESPONSES)
     async def models(self, request: Request):
         """The models this server runs, its limits and its cache."""
         self._auth(request)

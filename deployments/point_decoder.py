@@ -13,8 +13,6 @@ from biprompt.prompts import Prompt
 from deployments.common import configure_batching, load_pipeline, metrics, run_model
 
 
-@serve.deployment(name="PointDecoder", max_ongoing_requests=32, max_queued_requests=256,
-                  ray_actor_options={"num_cpus": 0.25})
 class PointDecoder:
     def __init__(self, config: dict):
         self.pipe = load_pipeline(config, roles=("points",))

@@ -9,7 +9,6 @@ import time
 import numpy as np
 from biprompt_client import rle
 from PIL import Image
-from ray import serve
 
 from biprompt.selection import select
 from deployments.common import metrics
@@ -26,8 +25,6 @@ def encode_mask(mask: np.ndarray, fmt: str):
     return None
 
 
-@serve.deployment(name="Selector", max_ongoing_requests=64, max_queued_requests=512,
-                  ray_actor_options={"num_cpus": 0.1})
 class Selector:
     def __init__(self, config: dict):
         self.threshold = config["agreement_threshold_resolved"]

@@ -13,8 +13,6 @@ from biprompt.errors import InvalidPromptError
 from deployments.common import configure_batching, load_pipeline, make_cache, metrics, run_model
 
 
-@serve.deployment(name="TextMask", max_ongoing_requests=16, max_queued_requests=128,
-                  ray_actor_options={"num_cpus": 0.5})
 class TextMask:
     def __init__(self, config: dict):
         self.pipe = load_pipeline(config, roles=("text",))
