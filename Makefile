@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean venv
+.PHONY: demo test lint bench bench-quick clean venv train-demo
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m biprompt.demo
+
+# Retrains the bundled ShapesRef demo model into models/demo (seeded; about 30-40 min on 2 cores).
+train-demo: $(STAMP)
+	$(PY) -m biprompt.train.demo --out models/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

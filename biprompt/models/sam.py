@@ -59,6 +59,10 @@ SAM_VARIANTS: dict[str, SamSpec] = {
     "tiny": SamSpec(64, 2, 2, (1,), img_size=128, patch_size=8, window_size=4, prompt_dim=32,
                     mask_in_chans=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
                     name="tiny"),
+    # The ShapesRef demo model (biprompt.train.demo): 16x16 tokens at 256 px, 1.2 M parameters.
+    "demo": SamSpec(128, 4, 4, (1, 3), img_size=256, patch_size=16, window_size=0,
+                    prompt_dim=64, mask_in_chans=8, decoder_mlp_dim=256, decoder_heads=4,
+                    iou_head_hidden_dim=64, name="demo"),
 }
 # EVF-SAM's config names its SAM by scale.
 SAM_SCALES = {"huge": "vit_h", "large": "vit_l", "base": "vit_b"}

@@ -1,0 +1,292 @@
+"""Train the ShapesRef demo model: a tiny SAM, then a tiny EVF-SAM on its frozen embeddings.
+
+    python -m biprompt.train.demo --out models/demo            # make train-demo
+    python -m biprompt.train.demo --out /tmp/x --sam-steps 3 --evf-steps 3   # smoke
+
+Stage 1 (SAM): batches of fresh scenes, several point prompts per scene (one encoder pass serves
+them all), every pair decoded in one batched call. Loss: for each prompt, the minimum over SAM's
+three candidates of BCE + Dice against a target sampled among the objects under the point, so the
+part/whole ambiguity of nested objects spreads over the candidates; plus MSE of the IoU head
+against each candidate's real IoU.
+
+Stage 2 (EVF-SAM): BEiT-3 reads (image, expression), its CLS token is projected to one SAM prompt
+token, and EVF's copy of SAM's prompt encoder and mask decoder draws the mask from the frozen SAM
+embedding. The visual model starts as a copy of stage 1's SAM (its image encoder stays frozen).
+
+Both stages are seeded; scenes come from `biprompt.data.shapes_ref` at mixed canvas sizes so the
+same checkpoint serves 256x256 and 320x240. Checkpoints are written in the official layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anything)
+from biprompt.data.shapes_ref import COLOURS, SHAPES, Scene, generate_scene
+from biprompt.models.beit3 import Beit3Spec
+from biprompt.models.decoding import decode_pairs
+from biprompt.models.evf import EvfConfig, EvfSam
+from biprompt.models.evf_loading import save_evf
+from biprompt.models.sam import SAM_VARIANTS, build_sam
+from biprompt.preprocess import beit3_input, sam_normalize_pad, sam_resize, transform_coords
+from biprompt.text import TextTokenizer
+
+DEMO_SAM = SAM_VARIANTS["demo"]
+DEMO_BEIT3 = Beit3Spec(embed_dim=128, layers=4, heads=4, ffn_dim=512, img_size=128,
+                       patch_size=16, vocab_size=0, max_source_positions=66)
+# (height, width) of training canvases and how often each is drawn
+CANVASES = (((256, 256), 0.6), ((240, 320), 0.2), ((320, 240), 0.1), ((224, 288), 0.1))
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # Bx3xSxS, SAM-normalised and padded
+    beit: torch.Tensor  # Bx3xsxs, BEiT-3's view
+    coords: torch.Tensor  # BKx1x2, model frame
+    gt: torch.Tensor  # BKx1xSxS float, the loss target in the padded model frame
+    texts: list[str]  # BK expressions of the drawn targets (stage 2)
+
+
+def _gt_frame(mask: np.ndarray, input_size: tuple[int, int], size: int) -> torch.Tensor:
+    """A full-size bool mask -> SxS float in the padded model frame (as the image was resized)."""
+    h, w = input_size
+    if mask.shape != (h, w):
+        img = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR)
+        mask = np.asarray(img) >= 128
+    out = torch.zeros(size, size)
+    out[:h, :w] = torch.from_numpy(mask.astype(np.float32))
+    return out
+
+
+def make_batch(rng: np.random.Generator, n_images: int, prompts: int, size: int,
+               beit_size: int, text_targets: bool = False) -> Batch:
+    """`prompts` per scene. Stage 1 (points): a point uniform on a random object; the loss target
+    is sampled among the objects under it. Stage 2 (text): the target is the object itself."""
+    canvases, weights = zip(*CANVASES, strict=True)
+    images, beit, coords, gts, texts = [], [], [], [], []
+    for _ in range(n_images):
+        h, w = canvases[rng.choice(len(canvases), p=np.array(weights) / sum(weights))]
+        scene: Scene = generate_scene(rng, h, w)
+        x = sam_resize(scene.image, size)
+        input_size = (x.shape[-2], x.shape[-1])
+        images.append(sam_normalize_pad(x, size))
+        beit.append(beit3_input(scene.image, beit_size))
+        for _ in range(prompts):
+            t = int(rng.integers(len(scene.objects)))
+            obj = scene.objects[t]
+            ys, xs = np.nonzero(obj.mask)
+            j = int(rng.integers(len(ys)))
+            row, col = int(ys[j]), int(xs[j])
+            if not text_targets:
+                under = [i for i, o in enumerate(scene.objects) if o.mask[row, col]]
+                t = int(under[rng.integers(len(under))])
+            coords.append(transform_coords(np.array([[col, row]], dtype=np.float64), (h, w), size))
+            gts.append(_gt_frame(scene.objects[t].mask, input_size, size))
+            texts.append(scene.expressions[t])
+    return Batch(torch.cat(images), torch.cat(beit),
+                 torch.as_tensor(np.stack(coords), dtype=torch.float32),
+                 torch.stack(gts)[:, None], texts)
+
+
+def mask_losses(logits: torch.Tensor, gt: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits BxKxhxw (low-res), gt Bx1xSxS -> (BCE + Dice per candidate BxK, IoU per candidate).
+
+    Computed at half the model's input size (2x the low-res grid) against area-averaged (soft)
+    targets: a quarter of the full-size cost, for a boundary still finer than the logits'."""
+    half = size // 2
+    up = F.interpolate(logits, (half, half), mode="bilinear", align_corners=False)
+    target = F.avg_pool2d(gt, 2).expand_as(up)
+    bce = F.binary_cross_entropy_with_logits(up, target, reduction="none").mean((2, 3))
+    p = up.sigmoid()
+    inter = (p * target).sum((2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum((2, 3)) + target.sum((2, 3)) + 1)
+    with torch.no_grad():
+        hard = up > 0
+        i = (hard & (target > 0.5)).sum((2, 3)).float()
+        u = (hard | (target > 0.5)).sum((2, 3)).float()
+        iou = torch.where(u > 0, i / u.clamp(min=1), torch.zeros_like(u))
+    return bce + dice, iou
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class LossLog:
+    """Running means printed on the bar and written as JSON lines."""
+
+    def __init__(self, path: Path, stage: str):
+        self.fh = path.open("a")
+        self.stage, self.acc, self.n, self.t0 = stage, {}, 0, time.perf_counter()
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.acc[k] = self.acc.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def flush(self, step: int, lr: float) -> dict:
+        row = {k: round(v / max(1, self.n), 4) for k, v in self.acc.items()}
+        row.update(stage=self.stage, step=step, lr=lr, minutes=round((time.perf_counter() - self.t0) / 60, 2))
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        self.acc, self.n = {}, 0
+        return row
+
+
+def train_sam(args, log_path: Path) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    sam = build_sam(DEMO_SAM).train()
+    opt = torch.optim.AdamW(sam.parameters(), lr=args.sam_lr, weight_decay=0.05)
+    pe = sam.prompt_encoder
+    log = LossLog(log_path, "sam")
+    size, k = DEMO_SAM.img_size, args.prompts
+    bar = tqdm(range(args.sam_steps), desc="SAM", unit="step", disable=args.quiet)
+    for step in bar:
+        lr = lr_at(step, args.sam_steps, args.sam_lr, args.warmup)
+        _set_lr(opt, lr)
+        b = make_batch(rng, args.images, k, size, DEMO_BEIT3.img_size)
+        emb = sam.image_encoder(b.images).repeat_interleave(k, 0)
+        labels = torch.ones(len(b.coords), 1, dtype=torch.int)
+        sparse, dense = pe(points=(b.coords, labels), boxes=None, masks=None)
+        logits, iou_pred = decode_pairs(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense,
+                                        multimask_output=True)
+        per_cand, iou = mask_losses(logits, b.gt, size)
+        best = per_cand.min(dim=1).values.mean()
+        iou_loss = F.mse_loss(iou_pred, iou)
+        loss = best + iou_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        opt.step()
+        log.add(loss=loss.item(), mask=best.item(), iou_head=iou_loss.item(),
+                best_iou=iou.max(dim=1).values.mean().item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.sam_steps:
+            row = log.flush(step + 1, lr)
+            bar.set_postfix(loss=row["loss"], best_iou=row["best_iou"])
+    return sam.eval()
+
+
+def expression_corpus() -> list[str]:
+    """Every expression the spec can produce, to train the tokenizer on."""
+    out = []
+    for c in COLOURS:
+        for s in SHAPES:
+            out.append(f"the {c} {s}")
+            out += [f"the {z} {c} {s}" for z in ("small", "large")]
+            out += [f"the {p} {c} {s}" for p in ("leftmost", "rightmost")]
+    return out
+
+
+def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tuple[EvfSam, TextTokenizer]:
+    torch.manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    corpus = expression_corpus()
+    tok = TextTokenizer.train(corpus * 4, tok_dir, vocab_size=args.vocab_size)
+    beit = Beit3Spec(**{**DEMO_BEIT3.to_dict(), "vocab_size": tok.vocab_size})
+    config = EvfConfig(hidden_size=beit.embed_dim, out_dim=DEMO_SAM.prompt_dim,
+                       mm_extractor_scale="custom", sam_scale="custom", torch_dtype="float16",
+                       sam_spec=DEMO_SAM, beit3_spec=beit)
+    evf = EvfSam(config, with_image_encoder=True)
+    evf.visual_model.load_state_dict(sam.state_dict())
+    encoder = evf.visual_model.image_encoder.eval().requires_grad_(False)
+    params = [p for n, p in evf.named_parameters() if not n.startswith("visual_model.image_encoder")]
+    opt = torch.optim.AdamW(params, lr=args.evf_lr, weight_decay=0.05)
+    evf.train()
+    encoder.eval()
+    log = LossLog(log_path, "evf")
+    size, k = DEMO_SAM.img_size, args.prompts
+    bar = tqdm(range(args.evf_steps), desc="EVF", unit="step", disable=args.quiet)
+    for step in bar:
+        lr = lr_at(step, args.evf_steps, args.evf_lr, args.warmup)
+        _set_lr(opt, lr)
+        b = make_batch(rng, args.evf_images, k, size, beit.img_size, text_targets=True)
+        with torch.no_grad():
+            emb = encoder(b.images).repeat_interleave(k, 0)
+        ids, padding = tok(b.texts)
+        prompt = evf.text_prompt(b.beit.repeat_interleave(k, 0), ids, padding)
+        logits = evf.decode(emb, prompt)
+        per, iou = mask_losses(logits, b.gt, size)
+        loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.add(loss=loss.item(), iou=iou.mean().item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.evf_steps:
+            row = log.flush(step + 1, lr)
+            bar.set_postfix(loss=row["loss"], iou=row["iou"])
+    return evf.eval(), tok
+
+
+def save_demo(sam: torch.nn.Module, evf: EvfSam, tok: TextTokenizer, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    sam_path = out / "sam_demo.pth"
+    torch.save({k: v.detach().half().contiguous() for k, v in sam.state_dict().items()}, sam_path)
+    evf_dir = save_evf(evf, out / "evf_demo", tokenizer=tok.tokenizer, dtype=torch.float16)
+    sizes = {"sam_bytes": sam_path.stat().st_size,
+             "evf_bytes": sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file())}
+    return sizes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="models/demo")
+    p.add_argument("--seed", type=int, default=20261122)
+    p.add_argument("--sam-steps", type=int, default=2800)
+    p.add_argument("--evf-steps", type=int, default=1000)
+    p.add_argument("--images", type=int, default=16, help="scenes per SAM step")
+    p.add_argument("--evf-images", type=int, default=16, help="scenes per EVF step")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per scene")
+    p.add_argument("--sam-lr", type=float, default=1e-3)
+    p.add_argument("--evf-lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--vocab-size", type=int, default=40)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    sam = train_sam(args, log_path)
+    t_sam = time.perf_counter() - t0
+    evf, tok = train_evf(args, sam, out / "evf_demo", log_path)
+    t_all = time.perf_counter() - t0
+    sizes = save_demo(sam, evf, tok, out)
+    summary = {"sam_minutes": round(t_sam / 60, 2), "total_minutes": round(t_all / 60, 2),
+               **sizes, "args": vars(args)}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The demo-model trainer: batches that follow the spec's sampling, and a few real training steps
+whose checkpoints load through the same code as official ones. CI never retrains the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from biprompt.data.shapes_ref import resolve
+from biprompt.models.sam import SAM_VARIANTS, build_sam
+from biprompt.pipeline import BiPromptPipeline
+from biprompt.train import demo
+
+
+def test_point_batches_target_an_object_under_the_point(monkeypatch):
+    drawn = []
+    real = demo.generate_scene
+
+    def spy(rng, h, w):
+        drawn.append(real(rng, h, w))
+        return drawn[-1]
+
+    monkeypatch.setattr(demo, "generate_scene", spy)
+    b = demo.make_batch(np.random.default_rng(0), 6, 5, 256, 128)
+    assert b.images.shape == (6, 3, 256, 256) and b.gt.shape == (30, 1, 256, 256)
+    assert b.beit.shape == (6, 3, 128, 128)
+    for i in range(30):
+        x, y = (int(v) for v in b.coords[i, 0])  # model frame, SAM's +0.5 not yet added
+        if drawn[i // 5].size == (256, 256):  # not resized: exact
+            assert b.gt[i, 0, y, x] == 1.0, "the point lies on its target"
+        else:  # resized with the image: on the target up to a pixel of resampling
+            assert b.gt[i, 0, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max() == 1.0
+    assert {d.size for d in drawn} <= {(256, 256), (240, 320), (320, 240), (224, 288)}
+
+
+def test_text_batches_target_the_object_the_expression_names(monkeypatch):
+    drawn = []
+    real = demo.generate_scene
+    monkeypatch.setattr(demo, "generate_scene",
+                        lambda rng, h, w: drawn.append(real(rng, h, w)) or drawn[-1])
+    b = demo.make_batch(np.random.default_rng(1), 4, 3, 256, 128, text_targets=True)
+    for i, text in enumerate(b.texts):
+        scene = drawn[i // 3]
+        (target,) = resolve(scene, text)
+        gt = b.gt[i, 0].numpy() > 0.5
+        h, w = scene.size
+        if (h, w) == (256, 256):
+            assert np.array_equal(gt, scene.objects[target].mask)
+
+
+def test_min_over_candidates_loss_prefers_the_matching_candidate():
+    gt = torch.zeros(1, 1, 64, 64)
+    gt[..., 8:32, 8:32] = 1
+    good = torch.full((1, 1, 16, 16), -8.0)
+    good[..., 2:8, 2:8] = 8.0  # the same square, at low resolution
+    bad = torch.full((1, 1, 16, 16), -8.0)
+    logits = torch.cat([bad, good, -bad], dim=1)
+    per, iou = demo.mask_losses(logits, gt, 64)
+    assert per.argmin().item() == 1 and iou[0, 1] > 0.9 and iou[0, 0] == 0
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [demo.lr_at(s, 1000, 1e-3, 100) for s in range(1000)]
+    assert lrs[0] < lrs[50] < lrs[99] == pytest.approx(1e-3)
+    assert lrs[999] < 0.05 * 1e-3 and all(a >= b for a, b in zip(lrs[100:], lrs[101:],
+                                                                   strict=False))
+
+
+def test_a_few_steps_write_official_layout_checkpoints(tmp_path):
+    out = tmp_path / "demo"
+    summary = demo.main(["--out", str(out), "--sam-steps", "2", "--evf-steps", "2",
+                         "--images", "2", "--evf-images", "2", "--prompts", "2", "--log-every", "1",
+                         "--quiet"])
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["sam", "sam", "evf", "evf"]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # SAM: a plain state dict with exactly the keys segment-anything's own model has
+    state = torch.load(out / "sam_demo.pth", weights_only=True)
+    assert set(state) == set(build_sam(SAM_VARIANTS["demo"]).state_dict())
+    assert {f.name for f in (out / "evf_demo").iterdir()} >= {
+        "config.json", "model.safetensors", "sentencepiece.bpe.model"}
+    assert summary["sam_bytes"] + summary["evf_bytes"] < 10 * 2**20
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"sam: {{checkpoint: {out / 'sam_demo.pth'}, variant: demo}}\n"
+                       f"text_model: {{checkpoint: {out / 'evf_demo'}}}\n")
+    pipe = BiPromptPipeline.from_config(profile)
+    img = np.full((240, 320, 3), 120, dtype=np.uint8)
+    res = pipe.segment(img, [[100, 100]], text="the small red circle")
+    assert res.mask.shape == (240, 320) and res.candidates.shape == (3, 240, 320)
