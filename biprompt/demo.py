@@ -1,62 +1,130 @@
-"""`make demo`: segment ShapesRef scenes with the in-process pipeline and write overlays.
-
-Until the trained demo model lands, this runs the `tiny` profile: random weights, so the masks
-are meaningless; the run shows the whole path (embed once, point + text, select) working.
+"""`make demo`: the whole product on this machine. It starts the Serve app (local Ray, in-process
+cache, the bundled ShapesRef demo model), sends a few dozen ShapesRef samples through the Python
+SDK, and writes overlays and the accuracy table under out/demo/. Then it shuts everything down.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
-from biprompt.data.shapes_ref import make_samples
+from biprompt.data.shapes_ref import iter_samples
+from biprompt.evaluate import METHODS, SUBSETS, format_table, method_masks, summarize
 from biprompt.metrics import Scores
-from biprompt.pipeline import BiPromptPipeline
+from biprompt.types import SegmentResult
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_PROFILE = REPO / "configs/models/demo.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_result(seg) -> SegmentResult:
+    """An SDK Segmentation -> the library's SegmentResult, so evaluation code serves both."""
+    cands = np.stack([c.mask for c in seg.candidates])
+    scores = np.array([c.predicted_iou for c in seg.candidates])
+    return SegmentResult(seg.mask, cands, scores, seg.text_mask, None, seg.selected,
+                         seg.strategy, seg.agreement, "biprompt")
+
+
+def start_app(profile: Path, cache_url: str | None) -> tuple[str, float]:
+    import ray
+    from ray import serve
+
+    from graph import build_app
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model_profile": str(profile), "cache_url": cache_url}), name="demo",
+              route_prefix="/")
+    return f"http://127.0.0.1:{port}", time.perf_counter() - t
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run(url: str, n: int, seed: int, per_scene: int, out: Path) -> dict:
+    from biprompt_client import BiPromptClient
+    from biprompt_client.overlay import grid, render_overlay
+
+    samples = [s for s, _ in zip(iter_samples(seed, samples_per_scene=per_scene), range(n),
+                                  strict=False)]
+    reqs = [{"image": s.image, "points": [list(s.point_index)], "text": s.expression,
+             "return_candidates": True, "return_text_mask": True} for s in samples]
+    with BiPromptClient(url, timeout=120) as client:
+        results = client.segment_many(reqs, concurrency=4, progress=True)
+        stats = client.last_batch_stats
+    scores = {m: {s: Scores() for s in SUBSETS} for m in METHODS}
+    tiles = []
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for i, (s, r) in enumerate(zip(samples, results, strict=True)):
+        if not r.ok:
+            raise RuntimeError(f"sample {i} failed: {r.error}")
+        for method, mask in method_masks(_as_result(r), s.gt_mask).items():
+            scores[method]["all"].add(mask, s.gt_mask)
+            if s.ambiguous:
+                scores[method]["ambiguous"].add(mask, s.gt_mask)
+        tile = render_overlay(s.image, r.mask, [s.point], text=f"{s.expression} [{r.strategy}]")
+        tile.save(out / "overlays" / f"{i:03d}.png")
+        tiles.append(tile)
+    grid(tiles[:16], columns=4).save(out / "overlays.png")
+    return {
+        "n": n, "seed": seed, "height": 256, "width": 256,
+        "n_ambiguous": sum(bool(s.ambiguous) for s in samples),
+        "model": results[0].model if results else None,
+        "methods": {m: {s: summarize(scores[m][s]) for s in SUBSETS} for m in METHODS},
+        "client": stats,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    from biprompt_client.overlay import grid, render_overlay
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", default="configs/models/tiny.yaml")
-    ap.add_argument("--n", type=int, default=8)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default=str(DEMO_PROFILE))
+    ap.add_argument("--n", type=int, default=48, help="samples to send")
+    ap.add_argument("--per-scene", type=int, default=2, help="samples per scene (cache hits)")
     ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--cache-url", default=os.environ.get("BIPROMPT_CACHE_URL"),
+                    help="redis://... (default: the in-process cache)")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args(argv)
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    pipe = BiPromptPipeline.from_config(args.config)
-    load_s = time.perf_counter() - t0
-    scores = Scores()
-    tiles, strategies = [], {}
-    t0 = time.perf_counter()
-    for s in make_samples(args.n, args.seed):
-        point = [list(s.point_index)]
-        res = pipe.segment(s.image, point, text=s.expression)
-        scores.add(res.mask, s.gt_mask)
-        strategies[res.strategy] = strategies.get(res.strategy, 0) + 1
-        tiles.append(render_overlay(s.image, res.mask, point, text=s.expression))
-    run_s = time.perf_counter() - t0
-    grid(tiles).save(out / "overlays.png")
-    summary = {
-        "profile": pipe.name, "models": pipe.model_ids, "samples": args.n,
-        "load_s": round(load_s, 2), "seconds_per_sample": round(run_s / max(args.n, 1), 3),
-        "strategies": strategies, **{k: (round(v, 4) if isinstance(v, float) else v)
-                                     for k, v in scores.summary().items()},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    if "random" in str(pipe.model_ids):
-        print("NOTE: the 'tiny' profile has random weights: these masks are meaningless. "
-              "It exercises the pipeline end to end; the trained demo model comes next.")
-    print(f"wrote {out / 'overlays.png'} and {out / 'summary.json'}")
-    return 0 if np.isfinite(scores.miou) else 1
+    url, up_s = start_app(Path(args.profile), args.cache_url)
+    print(f"Serve app up at {url} in {up_s:.1f} s (profile {Path(args.profile).name})")
+    try:
+        t = time.perf_counter()
+        result = run(url, args.n, args.seed, args.per_scene, out)
+        result["seconds"] = round(time.perf_counter() - t, 2)
+    finally:
+        stop_app()
+    table = format_table(result)
+    (out / "accuracy.md").write_text(table + "\n")
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2))
+    c = result["client"]
+    print(table)
+    print(f"\n{c['items']} requests over {c['images']} images in {result['seconds']} s: "
+          f"{c['embed_calls']} encoder passes, {c['cache_hits']} cache hits")
+    print(f"wrote {out / 'overlays.png'}, {out / 'overlays'}/*.png, {out / 'accuracy.md'}, "
+          f"{out / 'accuracy.json'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The bundled demo model (models/demo, configs/models/demo.yaml): it loads through the official
+layouts' code paths, fits the size budget, and segments ShapesRef well. Floors, not timings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from biprompt.evaluate import evaluate_shapes
+from biprompt.pipeline import BiPromptPipeline
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = REPO / "configs/models/demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline():
+    return BiPromptPipeline.from_config(PROFILE)
+
+
+def test_checkpoints_are_small_and_in_the_official_layouts():
+    root = REPO / "models/demo"
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in
+             (".pth", ".safetensors", ".model", ".json") and "train_" not in p.name]
+    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
+    assert (root / "sam_demo.pth").is_file()
+    assert {"config.json", "model.safetensors", "sentencepiece.bpe.model"} <= {
+        p.name for p in (root / "evf_demo").iterdir()}
+
+
+def test_model_ids_name_the_demo_files(demo_pipeline):
+    ids = demo_pipeline.model_ids
+    assert "sam_demo" in ids["sam"] and "evf_demo" in ids["text"]
+    assert demo_pipeline.spec.name == "demo"
+
+
+def test_accuracy_floor_on_a_seeded_set(demo_pipeline):
+    r = evaluate_shapes(demo_pipeline, n=80, seed=4242)
+    m = {name: v["all"]["miou"] for name, v in r["methods"].items()}
+    assert m["BiPrompt"] >= 0.80, m
+    assert m["oracle"] >= m["BiPrompt"] >= m["point-only"] - 0.02, m
+    amb = {name: v["ambiguous"]["miou"] for name, v in r["methods"].items()}
+    assert r["n_ambiguous"] >= 5
+    assert amb["BiPrompt"] > amb["point-only"], amb
