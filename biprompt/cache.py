@@ -79,8 +79,9 @@ def pack(kind: str, arrays: dict[str, np.ndarray], **meta) -> bytes:
     return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *chunks])
 
 
-def unpack(blob: bytes, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """-> (header, arrays). Arrays are writable copies. Raises CacheFormatError."""
+def unpack(blob: bytes, kind: str, copy: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """-> (header, arrays). Arrays are writable copies (read-only views of `blob` with
+    copy=False, enough to validate a value). Raises CacheFormatError."""
     try:
         magic, n = _PREFIX.unpack_from(blob)
         if magic != MAGIC:
@@ -96,7 +97,8 @@ def unpack(blob: bytes, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
             if count * dtype.itemsize != s["nbytes"] or s["offset"] + s["nbytes"] > len(body):
                 raise CacheFormatError(f"array {s['name']} does not fit the value")
             raw = body[s["offset"] : s["offset"] + s["nbytes"]]
-            arrays[s["name"]] = np.frombuffer(raw, dtype=dtype).reshape(s["shape"]).copy()
+            arr = np.frombuffer(raw, dtype=dtype).reshape(s["shape"])
+            arrays[s["name"]] = arr.copy() if copy else arr
             total += s["nbytes"]
         if total != len(body):
             raise CacheFormatError(f"{len(body) - total} stray bytes after the arrays")
@@ -134,24 +136,37 @@ def unpack_header(blob: bytes, kind: str) -> dict:
     return header
 
 
-def unpack_embedding(blob: bytes, model_id: str | None = None) -> ImageEmbedding:
-    header, arrays = unpack(blob, "embedding")
+def _embedding_parts(blob: bytes, model_id: str | None, copy: bool) -> tuple[dict, dict]:
+    header, arrays = unpack(blob, "embedding", copy)
     if model_id is not None and header.get("model_id") != model_id:
         raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
     if "embedding" not in arrays or arrays["embedding"].ndim != 4:
         raise CacheFormatError("no 4-d embedding")
-    beit = arrays.get("beit_image")
     try:
-        return ImageEmbedding(
-            embedding=torch.from_numpy(arrays["embedding"]),
-            original_size=tuple(header["original_size"]),
-            input_size=tuple(header["input_size"]),
-            model_id=header["model_id"],
-            beit_image=None if beit is None else torch.from_numpy(beit),
-            image_id=header.get("image_id"),
-        )
+        sizes = {k: tuple(int(v) for v in header[k]) for k in ("original_size", "input_size")}
+        if not isinstance(header["model_id"], str) or any(len(v) != 2 for v in sizes.values()):
+            raise ValueError("model_id or sizes")
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheFormatError(f"bad embedding header: {exc!r}") from exc
+    return {**header, **sizes}, arrays
+
+
+def check_embedding(blob: bytes, model_id: str | None = None) -> dict:
+    """Validate a value without copying its arrays; -> its header. Raises CacheFormatError."""
+    return _embedding_parts(blob, model_id, copy=False)[0]
+
+
+def unpack_embedding(blob: bytes, model_id: str | None = None) -> ImageEmbedding:
+    header, arrays = _embedding_parts(blob, model_id, copy=True)
+    beit = arrays.get("beit_image")
+    return ImageEmbedding(
+        embedding=torch.from_numpy(arrays["embedding"]),
+        original_size=header["original_size"],
+        input_size=header["input_size"],
+        model_id=header["model_id"],
+        beit_image=None if beit is None else torch.from_numpy(beit),
+        image_id=header.get("image_id"),
+    )
 
 
 def pack_mask(mask: np.ndarray, model_id: str) -> bytes:
@@ -319,7 +334,7 @@ class Cached:
         blob = await self.store.get(key)
         if blob is not None:
             try:
-                unpack_embedding(blob, model_id)
+                check_embedding(blob, model_id)
             except CacheFormatError as exc:
                 log.warning("dropping corrupt cache entry %s: %s", key, exc)
                 self.observer("embedding", "corrupt")
