@@ -69,6 +69,9 @@ class AppArgs(BaseModel):
     max_batch_items: int = Field(256, ge=1)
     agreement_threshold: float | None = Field(None, ge=0, le=1, description="default: the "
                                               "profile's")
+    fast_encoder: bool | None = Field(None, description="SAM encoder fast attention path "
+                                      "(default: the profile's sam.fast_encoder, else on); "
+                                      "false: segment-anything's reference forward")
     api_key: str | None = Field(default_factory=lambda: _env("BIPROMPT_API_KEY"),
                                 description="if set, every route but /healthz needs "
                                 "'Authorization: Bearer <key>'")

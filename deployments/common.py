@@ -32,6 +32,8 @@ def load_pipeline(config: dict, roles: tuple[str, ...]) -> BiPromptPipeline:
     options = {"max_pixels": config["max_image_pixels"]}
     if config.get("agreement_threshold") is not None:
         options["agreement_threshold"] = config["agreement_threshold"]
+    if config.get("fast_encoder") is not None:
+        options["fast_encoder"] = config["fast_encoder"]
     pipe = BiPromptPipeline.from_config(profile_path(config), **options).release(roles)
     log.info("loaded %s for %s in %.1f s", pipe.model_ids, roles, time.perf_counter() - t)
     return pipe

@@ -204,3 +204,39 @@ def test_vit_b_encoder_matches_reference():
     ref, fast = _ref_and_fast(enc, x)
     assert fast.shape == ref.shape == (1, 256, 64, 64)
     assert (fast - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("budget", [10**9, 40_000, 300, 7])
+def test_every_bias_blocking_matches_reference(monkeypatch, budget):
+    """Small budgets force the other ways of splitting the bias: groups of heads, one head and
+    blocks of queries, down to one query row per call."""
+    from biprompt.models import fast_attention
+
+    monkeypatch.setattr(fast_attention, "BIAS_ELEMENTS", budget)
+    monkeypatch.setattr(fast_attention, "MLP_TOKENS", 37)
+    monkeypatch.setattr(fast_attention, "QKV_TOKENS", 53)
+    torch.manual_seed(0)
+    enc = _tiny_encoder(use_abs_pos=False)
+    x = torch.randn(2, 3, 136, 120)  # 17x15 tokens: padded windows, uneven blocks
+    ref, fast = _ref_and_fast(enc, x)
+    assert (fast - ref).abs().max().item() <= 1e-5
+
+
+def test_pipeline_uses_the_fast_path_by_default_and_can_switch_back():
+    from biprompt.factory import LoadedSam
+    from biprompt.models.sam import build_sam, get_sam_spec
+    from biprompt.pipeline import BiPromptPipeline
+
+    spec = get_sam_spec("tiny")
+    torch.manual_seed(0)
+    fast = BiPromptPipeline(LoadedSam(build_sam(spec), spec, "t"))
+    assert fast.fast_encoder and fast_attention_enabled(fast.sam.image_encoder)
+    torch.manual_seed(0)
+    ref = BiPromptPipeline(LoadedSam(build_sam(spec), spec, "t"), fast_encoder=False)
+    assert not ref.fast_encoder and not fast_attention_enabled(ref.sam.image_encoder)
+    img = (torch.rand(90, 70, 3) * 255).to(torch.uint8).numpy()
+    diff = (fast.embed(img).embedding - ref.embed(img).embedding).abs().max().item()
+    assert diff <= 1e-5  # the same model up to float rounding
+    profile = {"sam": {"variant": "tiny", "fast_encoder": False}}
+    assert not BiPromptPipeline.from_profile(profile).fast_encoder
+    assert BiPromptPipeline.from_profile({"sam": {"variant": "tiny"}}).fast_encoder
