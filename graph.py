@@ -31,13 +31,18 @@ DEPLOYMENTS = {"ImageEncoder": ImageEncoder, "PointDecoder": PointDecoder, "Text
                "Selector": Selector, "Ingress": Ingress}
 # Defaults for the embedded app: fits one 2-core machine. Serve configs (serve_config.yaml,
 # configs/serve/*.yaml) override them per deployment, GPUs included; GPU counts live there only.
+# The embedded defaults are for one CPU machine: the heavy models use every core, and batches are
+# opportunistic (no wait: requests that queued while a batch ran form the next one), which keeps
+# a lone request's latency down. serve_config.yaml sets GPU batch sizes and waits.
+CPU_MODEL_CONFIG = {"torch_threads": 0, "batch_wait_timeout_s": 0.0}
 DEFAULT_OPTIONS: dict[str, dict] = {
     "ImageEncoder": {"max_ongoing_requests": 16, "max_queued_requests": 128,
-                     "ray_actor_options": {"num_cpus": 0.5}},
+                     "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5}},
     "PointDecoder": {"max_ongoing_requests": 32, "max_queued_requests": 256,
+                     "user_config": {"batch_wait_timeout_s": 0.0},
                      "ray_actor_options": {"num_cpus": 0.25}},
     "TextMask": {"max_ongoing_requests": 16, "max_queued_requests": 128,
-                 "ray_actor_options": {"num_cpus": 0.5}},
+                 "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5}},
     "Selector": {"max_ongoing_requests": 64, "max_queued_requests": 512,
                  "ray_actor_options": {"num_cpus": 0.1}},
     "Ingress": {"max_ongoing_requests": 64, "max_queued_requests": 256,

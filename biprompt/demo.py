@@ -41,9 +41,11 @@ def start_app(profile: Path, cache_url: str | None) -> tuple[str, float]:
     import ray
     from ray import serve
 
+    from deployments.driver import apply_serve_env
     from graph import build_app
 
     t = time.perf_counter()
+    apply_serve_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
     port = _free_port()

@@ -9,10 +9,11 @@ same image.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from ray import serve
 
 from biprompt.cache import embedding_key, pack_embedding
-from deployments.common import configure_batching, load_pipeline, make_cache, metrics, run_model
+from deployments.common import configure_replica, load_pipeline, make_cache, metrics, run_model
 
 
 class ImageEncoder:
@@ -24,7 +25,7 @@ class ImageEncoder:
         self.counts = {"requests": 0, "images": 0, "batches": 0, "shared_cache_hits": 0}
 
     def reconfigure(self, user_config: dict) -> None:
-        configure_batching(self._encode, user_config)
+        configure_replica(self._encode, user_config)
 
     def info(self) -> dict:
         text = self.pipe.text
@@ -36,7 +37,7 @@ class ImageEncoder:
         }
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, "torch_threads": torch.get_num_threads()}
 
     async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes:
         self.counts["requests"] += 1

@@ -44,7 +44,7 @@ from biprompt.errors import (
 )
 from biprompt.images import decode_image_bytes
 from biprompt.prompts import make_prompt
-from deployments.common import make_cache
+from deployments.common import make_cache, unpack_bits
 from deployments.http import (
     ERROR_RESPONSES,
     PUBLIC_PATHS,
@@ -124,7 +124,7 @@ class Ingress:
         """-> (embedding value or in-flight DeploymentResponse, (h, w), "hit" | "miss")."""
         info = await self.info()
         sam_id = info["model"]["sam"]
-        if image is not None:
+        if image is not None and img_id is None:
             img_id = hash_image(image)
         key = embedding_key(sam_id, img_id)
         t = time.perf_counter()
@@ -166,9 +166,19 @@ class Ingress:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         info = await self.info()
-        emb, size, cache_state, img_id = await self._embedding(req.image, req.image_id, timings)
-        prompt = make_prompt(size, req.points or None, req.point_labels, box=req.box,
-                             text=req.text, mode=req.mode)
+        img_id = hash_image(req.image) if req.image is not None else req.image_id
+        # The cached text mask is looked up while the embedding is: both are keyed by the image.
+        lookup = None
+        if req.text is not None and req.mode != "point" and info["text_model"]:
+            lookup = asyncio.ensure_future(self._cached_mask(img_id, req.text, info))
+        try:
+            emb, size, cache_state, img_id = await self._embedding(req.image, img_id, timings)
+            prompt = make_prompt(size, req.points or None, req.point_labels, box=req.box,
+                                 text=req.text, mode=req.mode)
+        except BaseException:
+            if lookup is not None:
+                lookup.cancel()
+            raise
         points = None
         if len(prompt.points) or prompt.box is not None:
             points = self.decoder.remote(emb, prompt)
@@ -177,7 +187,7 @@ class Ingress:
             if not info["text_model"]:
                 raise InvalidInputError("this server has no text model: use mode 'point' or "
                                         "leave out text")
-            text, text_cache = await self._text_mask(emb, prompt.text, img_id, info)
+            text, text_cache = await self._text_mask(emb, prompt.text, img_id, info, lookup)
         spec = {"mode": prompt.mode, "mask_format": req.mask_format,
                 "return_candidates": req.return_candidates,
                 "return_text_mask": req.return_text_mask}
@@ -193,9 +203,12 @@ class Ingress:
                 "cache": cache_state, "text_cache": text_cache, "timings_ms": timings,
                 "model": info["model"]}
 
-    async def _text_mask(self, emb, text: str, img_id: str, info: dict):
+    async def _cached_mask(self, img_id: str, text: str, info: dict):
         key = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id, text)
-        mask = await self.cache.get_mask(key, info["model"]["text"])
+        return key, await self.cache.get_mask(key, info["model"]["text"])
+
+    async def _text_mask(self, emb, text: str, img_id: str, info: dict, lookup=None):
+        key, mask = await (lookup or self._cached_mask(img_id, text, info))
         if mask is not None:
             return mask, "hit"
         resp = self.text.remote(emb, text, key)
@@ -206,7 +219,7 @@ class Ingress:
     async def _remember_mask(self, key: str, resp: DeploymentResponse, model_id: str) -> None:
         try:
             out = await resp
-            await self.cache.store.set(key, pack_mask(out["mask"], model_id))
+            await self.cache.store.set(key, pack_mask(unpack_bits(out["mask"]), model_id))
         except Exception:  # noqa: BLE001 - the request itself reports the error
             pass
 

@@ -6,11 +6,12 @@ decoder call per prompt shape. Returns SAM's three candidates and their predicte
 
 from __future__ import annotations
 
+import torch
 from ray import serve
 
 from biprompt.cache import embedding_header, unpack_embedding
 from biprompt.prompts import Prompt
-from deployments.common import configure_batching, load_pipeline, metrics, run_model
+from deployments.common import configure_replica, load_pipeline, metrics, pack_bits, run_model
 
 
 class PointDecoder:
@@ -19,10 +20,10 @@ class PointDecoder:
         self.counts = {"requests": 0, "prompts": 0, "batches": 0}
 
     def reconfigure(self, user_config: dict) -> None:
-        configure_batching(self._decode, user_config)
+        configure_replica(self._decode, user_config)
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, "torch_threads": torch.get_num_threads()}
 
     async def __call__(self, embedding: bytes, prompt: Prompt) -> dict:
         self.counts["requests"] += 1
@@ -49,5 +50,5 @@ class PointDecoder:
             emb = unpack_embedding(blob, self.pipe.sam_model_id)
             cands = self.pipe.decode_points(emb, [items[i][1] for i in idx])
             for i, c in zip(idx, cands, strict=True):
-                out[i] = {"masks": c.masks, "scores": c.scores}
+                out[i] = {"masks": pack_bits(c.masks), "scores": c.scores}
         return out  # type: ignore[return-value]

@@ -11,7 +11,7 @@ from biprompt_client import rle
 from PIL import Image
 
 from biprompt.selection import select
-from deployments.common import metrics
+from deployments.common import metrics, unpack_bits
 
 
 def encode_mask(mask: np.ndarray, fmt: str):
@@ -32,7 +32,7 @@ class Selector:
     async def __call__(self, points: dict | None, text: dict | np.ndarray | None, spec: dict) -> dict:
         t = time.perf_counter()
         if isinstance(text, dict):
-            text_mask, timings = text["mask"], {"text_model": text["text_ms"]}
+            text_mask, timings = unpack_bits(text["mask"]), {"text_model": text["text_ms"]}
         else:
             text_mask, timings = text, {}
         mode, fmt = spec["mode"], spec["mask_format"]
@@ -41,7 +41,7 @@ class Selector:
             mask, selected, strategy, agreement = text_mask, None, "text", None
         else:
             timings["point_decoder"] = points["decoder_ms"]
-            masks, scores = points["masks"], points["scores"]
+            masks, scores = unpack_bits(points["masks"]), points["scores"]
             sel = select(masks, scores, text_mask, mode, self.threshold)
             selected, strategy, agreement = sel.selected, sel.strategy, sel.agreement
             mask = text_mask if mode == "text" else masks[sel.selected]

@@ -6,11 +6,20 @@ cache it stores each mask under (image, text, text model), so repeated words ski
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from ray import serve
 
 from biprompt.cache import pack_mask, unpack_embedding
 from biprompt.errors import InvalidPromptError
-from deployments.common import configure_batching, load_pipeline, make_cache, metrics, run_model
+from deployments.common import (
+    configure_replica,
+    load_pipeline,
+    make_cache,
+    metrics,
+    pack_bits,
+    run_model,
+)
 
 
 class TextMask:
@@ -20,10 +29,10 @@ class TextMask:
         self.counts = {"requests": 0, "pairs": 0, "batches": 0}
 
     def reconfigure(self, user_config: dict) -> None:
-        configure_batching(self._run, user_config)
+        configure_replica(self._run, user_config)
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, "torch_threads": torch.get_num_threads()}
 
     async def __call__(self, embedding: bytes, text: str, cache_key: str | None = None) -> dict:
         self.counts["requests"] += 1
@@ -31,17 +40,17 @@ class TextMask:
             raise InvalidPromptError("this deployment has no text model: use mode 'point'")
         # checked one by one, before batching: one over-long text must not fail its batch-mates
         self.pipe.text.tokenizer.validate(text)
-        out = await self._run((embedding, text))
+        mask, ms = await self._run((embedding, text))
         if cache_key and self.cache.store.shared:
-            await self.cache.store.set(cache_key, pack_mask(out["mask"], self.pipe.text.model_id))
-        return out
+            await self.cache.store.set(cache_key, pack_mask(mask, self.pipe.text.model_id))
+        return {"mask": pack_bits(mask), "text_ms": ms}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _run(self, items: list[tuple[bytes, str]]) -> list[dict]:
+    async def _run(self, items: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, float]]:
         embs = [unpack_embedding(blob, self.pipe.sam_model_id) for blob, _ in items]
         masks, ms = await run_model(self.pipe.text_masks, embs, [t.strip() for _, t in items])
         self.counts["batches"] += 1
         self.counts["pairs"] += len(items)
         metrics()["text_pairs"].inc(len(items))
         metrics()["batch"].observe(len(items), tags={"role": "TextMask"})
-        return [{"mask": m, "text_ms": ms / len(items)} for m in masks]
+        return [(m, ms / len(items)) for m in masks]

@@ -8,6 +8,7 @@ the tests' own. Two apps share the cluster:
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -56,6 +57,9 @@ def serve_url(metrics_port):
     import ray
     from ray import serve
 
+    from deployments.driver import apply_serve_env
+
+    apply_serve_env()  # the mode our launchers run Serve in (RAY_SERVE_THROUGHPUT_OPTIMIZED)
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)
@@ -101,7 +105,14 @@ def strict_url(serve_url):
     return f"{serve_url}/strict"
 
 
-def stats(app: str, deployment: str) -> dict:
-    from ray import serve
+@functools.cache
+def _driver_calls():
+    # NOTE: this module is imported twice (as pytest's conftest and by the test modules), so
+    # the helper is created on first use rather than by a fixture.
+    from deployments.driver import DriverCalls
 
-    return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()
+    return DriverCalls()
+
+
+def stats(app: str, deployment: str) -> dict:
+    return _driver_calls().call(app, deployment, "stats")

@@ -31,7 +31,7 @@ def test_config_passes_serve_schema_and_app_args(path):
     assert sorted(names) == sorted(DEPLOYMENTS)
     for d in app["deployments"]:
         batching = d.get("user_config") or {}
-        assert set(batching) <= {"max_batch_size", "batch_wait_timeout_s"}
+        assert set(batching) <= {"max_batch_size", "batch_wait_timeout_s", "torch_threads"}
         if "max_batch_size" in batching:  # a batch can't fill past max_ongoing_requests
             assert batching["max_batch_size"] <= d["max_ongoing_requests"], d["name"]
         assert d.get("max_queued_requests", -1) > 0, f"{d['name']}: bound the queue"

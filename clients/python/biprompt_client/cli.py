@@ -60,8 +60,15 @@ def cmd_serve(args) -> int:
         print("error: `serve` (Ray Serve) is not installed here: the server needs the full "
               "biprompt-serve install (make test / make demo build it)", file=sys.stderr)
         return 2
+    env = dict(os.environ)
+    try:  # the full install: Serve's throughput-optimized mode, as our launchers run it
+        from deployments.driver import apply_serve_env
+
+        apply_serve_env(env)
+    except ImportError:
+        pass
     try:
-        return subprocess.call([serve, "run", str(config)])
+        return subprocess.call([serve, "run", str(config)], env=env)
     except KeyboardInterrupt:
         return 130
 
