@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements/cpu.txt requ
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check biprompt deployments graph.py clients tests
+	$(PY) -m ruff check biprompt deployments graph.py clients tests benchmarks
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -29,6 +29,14 @@ demo: $(STAMP)
 # Retrains the bundled ShapesRef demo model into models/demo (seeded; about 30-40 min on 2 cores).
 train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out models/demo
+
+# Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes
+# a few minutes on 2 cores; bench runs more requests per row.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run --quick $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,12 +1,12 @@
 """What a served BiPrompt request costs: cold, warm, a click session, 200 requests over 20 images
-(SDK and batch endpoint) and HTTP concurrency, on a real local Serve app.
+(SDK and batch endpoint) and HTTP concurrency, on a real local Serve app driven by the SDK.
 
-    .venv/bin/python benchmarks/serving.py --profile configs/models/demo.yaml --quick
+    .venv/bin/python -m benchmarks.serving --profile configs/models/demo.yaml
 
-Every row reports median / p95 / min / max latency (client side), throughput, encoder passes (the
+Every row reports client-side latency (median / p95 / min / max), throughput, encoder passes (the
 encoder deployment's own counter), cache hit rate, and serving overhead: end-to-end latency minus
 the model compute the deployments report (encoder + the slower of point decoder and text model +
-selector). Work in progress for issue 6: the naive baseline and the vit_b scale come next.
+selector).
 """
 
 from __future__ import annotations
@@ -15,27 +15,16 @@ import argparse
 import io
 import json
 import socket
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.stats import summary
 from biprompt.data.shapes_ref import generate_scene, sample_from_scene
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def summary(values: list[float]) -> dict:
-    xs = sorted(values)
-    if not xs:
-        return {}
-    p95 = xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
-    return {"n": len(xs), "median": statistics.median(xs), "p95": p95, "min": xs[0],
-            "max": xs[-1]}
+from deployments.driver import DriverCalls, apply_serve_env
 
 
 def model_ms(t: dict) -> float:
@@ -45,13 +34,14 @@ def model_ms(t: dict) -> float:
 
 
 class Scenes:
-    """Seeded ShapesRef scenes as PNG bytes, with one fresh click + expression per call."""
+    """Seeded ShapesRef scenes as PNG bytes, with a fresh click + expression per call."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, size: tuple[int, int] = (256, 256)):
         self.rng = np.random.default_rng(seed)
+        self.size = size
 
     def image(self):
-        scene = generate_scene(self.rng)
+        scene = generate_scene(self.rng, *self.size)
         buf = io.BytesIO()
         Image.fromarray(scene.image).save(buf, format="PNG")
         return scene, buf.getvalue()
@@ -61,135 +51,190 @@ class Scenes:
         return {"points": [list(s.point_index)], "text": s.expression}
 
 
+@dataclass
+class Plan:
+    """How many requests each scenario sends."""
+
+    cold: int = 5
+    warm: int = 10
+    session_clicks: int = 20
+    many: bool = True  # 200 requests over 20 images, SDK and batch endpoint
+    concurrency: tuple[int, ...] = (1, 4, 8)
+    per_level: int = 8  # requests per concurrent client
+    direct_url: str | None = None  # the ingress replica's own HTTP port (direct ingress)
+    image_size: tuple[int, int] = (256, 256)
+    extra: dict = field(default_factory=dict)
+
+
 class Bench:
-    def __init__(self, url: str, app: str):
-        self.url, self.app = url, app
-        self.http = httpx.Client(base_url=url, timeout=300)
+    def __init__(self, url: str, app: str, calls: DriverCalls):
+        from biprompt_client import BiPromptClient
+
+        self.url, self.app, self.calls = url, app, calls
+        self.client = BiPromptClient(url, timeout=600, max_retries=0)
 
     def encoder_images(self) -> int:
-        from ray import serve
+        return self.calls.call(self.app, "ImageEncoder", "stats")["images"]
 
-        handle = serve.get_deployment_handle("ImageEncoder", app_name=self.app)
-        return handle.stats.remote().result()["images"]
-
-    def segment(self, body: dict) -> tuple[float, dict]:
+    def segment(self, kw: dict) -> tuple[float, object]:
         t = time.perf_counter()
-        r = self.http.post("/v1/segment", content=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
-        ms = (time.perf_counter() - t) * 1000
-        r.raise_for_status()
-        return ms, r.json()
+        res = self.client.segment(**kw)
+        return (time.perf_counter() - t) * 1000, res
 
-    def requests(self, bodies: list[dict], concurrency: int = 1) -> dict:
+    def requests(self, calls: list[dict], concurrency: int = 1) -> dict:
         before = self.encoder_images()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            out = list(pool.map(self.segment, bodies))
+            out = list(pool.map(self.segment, calls))
         seconds = time.perf_counter() - t0
         lat = [ms for ms, _ in out]
-        over = [ms - model_ms(r["timings_ms"]) for ms, r in out]
-        hits = sum(r["cache"] == "hit" for _, r in out)
+        over = [ms - model_ms(r.timings_ms) for ms, r in out]
         return {"latency_ms": summary(lat), "overhead_ms": summary(over),
-                "throughput_rps": len(out) / seconds, "encoder_passes":
-                self.encoder_images() - before, "cache_hit_rate": hits / len(out)}
+                "model_ms": summary([model_ms(r.timings_ms) for _, r in out]),
+                "throughput_rps": len(out) / seconds, "seconds": seconds,
+                "encoder_passes": self.encoder_images() - before,
+                "cache_hit_rate": sum(r.cache_hit for _, r in out) / len(out)}
 
 
-def body(data: bytes, prompt: dict) -> dict:
-    import base64
-
-    return {"image": base64.b64encode(data).decode(), **prompt, "mask_format": "rle"}
-
-
-def run_scenarios(bench: Bench, n: int, seed: int) -> dict:
-    scenes = Scenes(seed)
+def run_scenarios(bench: Bench, plan: Plan, seed: int = 0) -> dict:
+    scenes = Scenes(seed, plan.image_size)
     rows = {}
-    fresh = [scenes.image() for _ in range(n)]
-    rows["cold request"] = bench.requests([body(d, scenes.prompt(s)) for s, d in fresh])
-    rows["warm request (same image, new click, new text)"] = bench.requests(
-        [body(d, scenes.prompt(s)) for s, d in fresh])
+    fresh = [scenes.image() for _ in range(max(plan.cold, 1))]
+    bench.segment({"image": fresh[-1][1], **scenes.prompt(fresh[-1][0])})  # warm the path up
+    fresh = [scenes.image() for _ in range(plan.cold)]
+    rows["cold"] = bench.requests([{"image": d, **scenes.prompt(s)} for s, d in fresh])
+    reps = [fresh[i % len(fresh)] for i in range(plan.warm)]
+    rows["warm"] = bench.requests([{"image": d, **scenes.prompt(s)} for s, d in reps])
     scene, data = scenes.image()
-    rows["20-click session on one image"] = bench.requests(
-        [body(data, scenes.prompt(scene)) for _ in range(20)])
-    imgs = [scenes.image() for _ in range(20)]
-    reqs = [(s, d, scenes.prompt(s)) for i in range(200) for s, d in [imgs[i % 20]]]
-    rows["200 requests / 20 images, SDK segment_many"] = sdk_many(bench, reqs)
-    imgs = [scenes.image() for _ in range(20)]
-    reqs = [(s, d, scenes.prompt(s)) for i in range(200) for s, d in [imgs[i % 20]]]
-    rows["200 requests / 20 images, batch endpoint"] = batch_endpoint(bench, reqs)
+    first = bench.requests([{"image": data, **scenes.prompt(scene)}])
+    image_id = bench.client.embed(data)  # a cache hit: the click above encoded it
+    rest = bench.requests([{"image_id": image_id, **scenes.prompt(scene)}
+                           for _ in range(plan.session_clicks - 1)])
+    rows["session"] = {**rest, "first_click_ms": first["latency_ms"]["median"],
+                       "session_s": first["seconds"] + rest["seconds"],
+                       "encoder_passes": first["encoder_passes"] + rest["encoder_passes"],
+                       "clicks": plan.session_clicks}
+    if plan.many:
+        rows["many_sdk"] = many_sdk(bench, _many(scenes))
+        rows["many_batch"] = many_batch(bench, _many(scenes))
     scene, data = scenes.image()
-    bench.segment(body(data, scenes.prompt(scene)))  # make it warm
-    for c in (1, 4, 8):
-        rows[f"warm, HTTP concurrency {c}"] = bench.requests(
-            [body(data, scenes.prompt(scene)) for _ in range(8 * c)], concurrency=c)
+    bench.segment({"image": data, **scenes.prompt(scene)})  # make it warm
+    for c in plan.concurrency:
+        rows[f"concurrency_{c}"] = bench.requests(
+            [{"image": data, **scenes.prompt(scene)} for _ in range(plan.per_level * c)],
+            concurrency=c)
+    if plan.direct_url:
+        direct = Bench(plan.direct_url, bench.app, bench.calls)
+        direct.segment({"image": data, **scenes.prompt(scene)})
+        rows["concurrency_1_direct"] = direct.requests(
+            [{"image": data, **scenes.prompt(scene)} for _ in range(plan.per_level)])
     return rows
 
 
-def sdk_many(bench: Bench, reqs) -> dict:
-    from biprompt_client import BiPromptClient
+def find_direct_url(app: str, tries: int = 32) -> str | None:
+    """Where the app's ingress replica answers HTTP itself (Serve's direct ingress, on in
+    throughput-optimized mode): the first port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT on
+    whose /healthz answers. None when the mode is off."""
+    import os
 
+    import httpx
+
+    first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    for port in range(first, first + tries):
+        url = f"http://127.0.0.1:{port}/{app}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            continue
+    return None
+
+
+def _many(scenes: Scenes, n: int = 200, images: int = 20) -> list[dict]:
+    imgs = [scenes.image() for _ in range(images)]
+    return [{"image": imgs[i % images][1], **scenes.prompt(imgs[i % images][0])}
+            for i in range(n)]
+
+
+def many_sdk(bench: Bench, reqs: list[dict]) -> dict:
     before = bench.encoder_images()
     t0 = time.perf_counter()
-    with BiPromptClient(bench.url, timeout=300) as c:
-        res = c.segment_many([{"image": d, **p} for _, d, p in reqs], concurrency=8,
-                             progress=False)
+    res = bench.client.segment_many(reqs, concurrency=8, progress=False)
     seconds = time.perf_counter() - t0
     ok = [r for r in res if r.ok]
-    return {"throughput_rps": len(reqs) / seconds, "seconds": seconds,
-            "encoder_passes": bench.encoder_images() - before, "ok": len(ok),
+    return {"requests": len(reqs), "ok": len(ok), "seconds": seconds,
+            "throughput_rps": len(reqs) / seconds,
+            "encoder_passes": bench.encoder_images() - before,
             "cache_hit_rate": sum(r.cache_hit for r in ok) / max(1, len(ok))}
 
 
-def batch_endpoint(bench: Bench, reqs, chunk: int = 50) -> dict:
+def many_batch(bench: Bench, reqs: list[dict], chunk: int = 50) -> dict:
     before = bench.encoder_images()
     t0 = time.perf_counter()
     results = []
     for i in range(0, len(reqs), chunk):
-        items = [body(d, p) for _, d, p in reqs[i : i + chunk]]
-        r = bench.http.post("/v1/segment/batch", json={"items": items})
-        r.raise_for_status()
-        results += r.json()["results"]
+        results += bench.client.segment_batch(reqs[i:i + chunk])
     seconds = time.perf_counter() - t0
-    ok = [x["result"] for x in results if x["status"] == 200]
-    return {"throughput_rps": len(reqs) / seconds, "seconds": seconds,
-            "encoder_passes": bench.encoder_images() - before, "ok": len(ok),
-            "cache_hit_rate": sum(r["cache"] == "hit" for r in ok) / max(1, len(ok))}
+    ok = [r for r in results if getattr(r, "ok", True)]
+    return {"requests": len(reqs), "ok": len(ok), "seconds": seconds,
+            "throughput_rps": len(reqs) / seconds,
+            "encoder_passes": bench.encoder_images() - before,
+            "cache_hit_rate": sum(r.cache_hit for r in ok) / max(1, len(ok))}
 
 
-def start(profile: str, cache_url: str | None) -> str:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster() -> int:
+    """A local Ray cluster with Serve's HTTP proxy on a free port; returns the port."""
     import ray
+    from ray import serve
+
+    apply_serve_env()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def deploy(port: int, profile: str, app: str, cache_url: str | None = None) -> tuple[str, float]:
+    """Deploy the app; returns its URL and the start-up time in seconds."""
     from ray import serve
 
     from graph import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_profile": profile, "cache_url": cache_url}), name="bench",
-              route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    t = time.perf_counter()
+    serve.run(build_app({"model_profile": profile, "cache_url": cache_url}), name=app,
+              route_prefix=f"/{app}")
+    return f"http://127.0.0.1:{port}/{app}", time.perf_counter() - t
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default=str(REPO / "configs/models/demo.yaml"))
+    ap.add_argument("--profile", default="configs/models/demo.yaml")
     ap.add_argument("--cache-url", default=None)
-    ap.add_argument("--n", type=int, default=10, help="cold/warm requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    url = start(args.profile, args.cache_url)
-    try:
-        rows = run_scenarios(Bench(url, "bench"), args.n, args.seed)
-    finally:
-        from ray import serve
+    from ray import serve
 
+    port = start_cluster()
+    calls = DriverCalls()
+    try:
+        url, startup = deploy(port, args.profile, "bench", args.cache_url)
+        rows = run_scenarios(Bench(url, "bench", calls), Plan(), args.seed)
+        rows["startup_s"] = startup
+    finally:
+        calls.close()
         serve.shutdown()
     text = json.dumps(rows, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text)
+        with open(args.json, "w") as f:
+            f.write(text)
     return rows
 
 
