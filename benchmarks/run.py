@@ -36,11 +36,11 @@ DEMO_PROFILE = REPO / "configs/models/demo.yaml"
 # Requests per row. Quick mode keeps the whole run to a few minutes on 2 cores.
 SETTINGS = {
     "quick": {"encoder": (1, 2), "naive_vitb": 1, "naive_demo": 10,
-              "demo": Plan(cold=5, warm=10, per_level=6),
+              "demo": Plan(cold=5, warm=20, per_level=20),
               "vitb": Plan(cold=2, warm=5, session_clicks=20, many=False, per_level=2,
                            image_size=(480, 640))},
     "full": {"encoder": (3, 5), "naive_vitb": 3, "naive_demo": 30,
-             "demo": Plan(cold=20, warm=40, per_level=16),
+             "demo": Plan(cold=20, warm=40, per_level=40),
              "vitb": Plan(cold=3, warm=10, session_clicks=20, many=True, per_level=4,
                           image_size=(480, 640))},
 }

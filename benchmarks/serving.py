@@ -127,7 +127,7 @@ def run_scenarios(bench: Bench, plan: Plan, seed: int = 0) -> dict:
         direct = Bench(plan.direct_url, bench.app, bench.calls)
         direct.segment({"image": data, **scenes.prompt(scene)})
         rows["concurrency_1_direct"] = direct.requests(
-            [{"image": data, **scenes.prompt(scene)} for _ in range(plan.per_level)])
+            [{"image": data, **scenes.prompt(scene)} for _ in range(2 * plan.per_level)])
     return rows
 
 
