@@ -79,3 +79,18 @@ def test_a_missed_target_says_no(results):
     passes = next(x for x in text.splitlines() if x.startswith("| 200 requests over 20"))
     assert overhead.endswith("| **no** |") and "20.0 ms" in overhead
     assert passes.endswith("| **no** |") and "demo sdk: 21" in passes
+
+
+def test_new_text_prompts_never_repeat_an_expression_on_an_image():
+    from benchmarks.serving import Scenes
+
+    scenes = Scenes(3)
+    scene, _ = scenes.image()
+    used: set[str] = set()
+    texts = []
+    while (p := scenes.new_text_prompt(scene, used)) is not None:
+        texts.append(p["text"])
+        x, y = p["points"][0]
+        assert 0 <= x < 256 and 0 <= y < 256
+    assert len(texts) == len(set(texts)) == len(used) >= 2
+    assert used == set(scene.expressions)
