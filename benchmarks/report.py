@@ -119,6 +119,14 @@ def render(r: dict) -> str:
         *_encoder_section(enc),
         *_naive_section(r["naive"]),
     ]
+    lines += [
+        "In the served tables, overhead is end-to-end latency minus the model compute the "
+        "deployments report (encoder + the slower of point decoder and text model + selector): "
+        "HTTP, Serve's hops, cache lookups, and at concurrency above 1 the time spent queueing. "
+        "Clicks on one image repeat its few expressions, so their text masks mostly come from "
+        "the cache; the warm row asks each image a new expression.",
+        "",
+    ]
     for scale, title in SCALES.items():
         lines += _served_section(r["served"][scale], title)
     lines += _cost_section(r)
@@ -174,11 +182,6 @@ def _naive_section(naive: dict) -> list[str]:
 def _served_section(rows: dict, title: str) -> list[str]:
     lines = [
         f"## Served: {title}",
-        "",
-        "Overhead is end-to-end latency minus the model compute the deployments report (encoder + "
-        "the slower of point decoder and text model + selector): HTTP, Serve's hops, cache "
-        "lookups, and at concurrency above 1 the time spent queueing. Clicks on one image "
-        "repeat its few expressions, so their text masks mostly come from the cache.",
         "",
         f"Serve app up in {rows['startup_s']:.1f} s; torch threads per replica: "
         + ", ".join(f"{k} {v}" for k, v in rows["torch_threads"].items()) + ".",
