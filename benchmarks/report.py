@@ -106,7 +106,7 @@ def render(r: dict) -> str:
            f"{rat['overhead_direct_ms']:.1f} ms | <= {TARGETS['overhead_ms']:.0f} ms | "
            f"{_met('overhead_ms', rat['overhead_direct_ms'])} |"]
           if rat["overhead_direct_ms"] is not None else []),
-        f"| vit_b encoder (fast path) / matmul-bound limit | {rat['encoder_vs_limit']:.2f}x | "
+        f"| vit_b encoder (fast path) / matmul-bound limit | {rat['encoder_vs_limit']:.3f}x | "
         f"<= {TARGETS['encoder_vs_limit']}x | {_met('encoder_vs_limit', rat['encoder_vs_limit'])} "
         "|",
         "| 200 requests over 20 images: encoder passes | "
