@@ -143,12 +143,15 @@ def _windowed_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, heads: int,
 
 
 def _linear_rows(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) for x (..., in), computed over blocks of MLP_TOKENS rows (faster GEMMs here)."""
+    """layer(x) for x (..., in), computed over blocks of QKV_TOKENS rows (faster GEMMs here)."""
     flat = x.reshape(-1, x.shape[-1])
     out = flat.new_empty(flat.shape[0], layer.out_features)
     for r in range(0, flat.shape[0], QKV_TOKENS):
-        torch.addmm(layer.bias, flat[r:r + QKV_TOKENS], layer.weight.t(),
-                    out=out[r:r + QKV_TOKENS])
+        if layer.bias is None:
+            torch.mm(flat[r:r + QKV_TOKENS], layer.weight.t(), out=out[r:r + QKV_TOKENS])
+        else:
+            torch.addmm(layer.bias, flat[r:r + QKV_TOKENS], layer.weight.t(),
+                        out=out[r:r + QKV_TOKENS])
     return out.view(*x.shape[:-1], layer.out_features)
 
 

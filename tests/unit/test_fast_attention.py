@@ -240,3 +240,14 @@ def test_pipeline_uses_the_fast_path_by_default_and_can_switch_back():
     profile = {"sam": {"variant": "tiny", "fast_encoder": False}}
     assert not BiPromptPipeline.from_profile(profile).fast_encoder
     assert BiPromptPipeline.from_profile({"sam": {"variant": "tiny"}}).fast_encoder
+
+
+def test_encoder_without_qkv_bias_matches_reference():
+    """Padded windows then hold zeros (no bias to copy), and qkv runs as a plain matmul."""
+    torch.manual_seed(0)
+    enc = ImageEncoderViT(img_size=128, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                          out_chans=16, qkv_bias=False, use_rel_pos=True, window_size=5,
+                          global_attn_indexes=(1,))
+    _randomize_positional(enc)
+    ref, fast = _ref_and_fast(enc.eval(), torch.randn(1, 3, 128, 128))  # 16x16 tokens, pad 4
+    assert (fast - ref).abs().max().item() <= 1e-5
