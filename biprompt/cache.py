@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 import torch
 
+from biprompt.config import CACHE_TIMEOUT_S, CACHE_TTL_S, LOCAL_CACHE_MB, REDIS_COOLDOWN_S
 from biprompt.preprocess import PREPROCESS_VERSION
 from biprompt.types import ImageEmbedding
 
@@ -203,7 +204,7 @@ class LocalStore:
 
     shared = False
 
-    def __init__(self, max_bytes: int = 512 * 2**20, ttl_s: float | None = 3600,
+    def __init__(self, max_bytes: int = LOCAL_CACHE_MB * 2**20, ttl_s: float | None = CACHE_TTL_S,
                  observer: Observer | None = None):
         self.max_bytes, self.ttl_s = max_bytes, ttl_s
         self.observer = observer or _ignore
@@ -252,8 +253,8 @@ class RedisStore:
 
     shared = True
 
-    def __init__(self, url: str, ttl_s: float | None = 3600, timeout_s: float = 0.5,
-                 cooldown_s: float = 2.0, observer: Observer | None = None):
+    def __init__(self, url: str, ttl_s: float | None = CACHE_TTL_S,
+                 timeout_s: float = CACHE_TIMEOUT_S, cooldown_s: float = REDIS_COOLDOWN_S, observer: Observer | None = None):
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -311,8 +312,9 @@ class RedisStore:
         return bool(await self._call("PING", self._client.ping))
 
 
-def make_store(url: str | None, ttl_s: float | None = 3600, *, local_max_bytes: int = 512 * 2**20,
-               timeout_s: float = 0.5, observer: Observer | None = None) -> LocalStore | RedisStore:
+def make_store(url: str | None, ttl_s: float | None = CACHE_TTL_S, *,
+               local_max_bytes: int = LOCAL_CACHE_MB * 2**20,
+               timeout_s: float = CACHE_TIMEOUT_S, observer: Observer | None = None) -> LocalStore | RedisStore:
     """`url` None or "" or "local": the in-process LRU; "redis://..." / "rediss://...": Redis."""
     if not url or url == "local":
         return LocalStore(local_max_bytes, ttl_s, observer)

@@ -1,34 +1,105 @@
-"""Building the models a pipeline needs: SAM from a checkpoint or at random (tiny), EVF-SAM from a
-checkpoint directory or at random, and model profiles (YAML)."""
+"""Where a model's weights come from, and loading just the part a role needs.
+
+`open_sam` names a SAM checkpoint without reading its weights: its spec (from the shapes), its
+model id and a lazy state. `load_sam_part` then reads only one part ("image_encoder", or
+"prompt_encoder" + "mask_decoder"). `text_model_info` reads only an EVF-SAM config; `load_text_model`
+reads EVF-SAM without its image encoder. `load_sam` (a whole SAM) is for tests and training.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from segment_anything.modeling import Sam
+from torch import nn
 
 from biprompt.errors import ModelConfigError
 from biprompt.models.beit3 import Beit3Spec
-from biprompt.models.checkpoint import read_state_dict, sub_state
+from biprompt.models.checkpoint import LazyState, open_state
 from biprompt.models.evf import EvfConfig, EvfSam
-from biprompt.models.evf_loading import load_evf, read_hf_weights
+from biprompt.models.evf_loading import load_evf, open_hf_weights
 from biprompt.models.loading import fix_sam_buffers, materialize
 from biprompt.models.sam import SamSpec, build_sam, get_sam_spec, infer_sam_spec, match_variant
+from biprompt.profile import ModelProfile, TextModelConfig, read_profile
 from biprompt.text import TextTokenizer
 from biprompt.weights import resolve_dir, resolve_file
 
 log = logging.getLogger(__name__)
+
+__all__ = ["LoadedSam", "LoadedText", "SamSource", "TextInfo", "load_sam", "load_sam_part",
+           "load_text", "load_text_model", "open_sam", "random_text_model", "read_profile",
+           "text_model_info"]
 
 # Words of the ShapesRef domain: the tiny profile's tokenizer is trained on these.
 TINY_WORDS = ["the", "small", "large", "red", "green", "blue", "yellow", "circle", "square",
               "triangle", "leftmost", "rightmost"]
 TINY_BEIT3 = Beit3Spec(embed_dim=32, layers=2, heads=2, ffn_dim=64, img_size=32, patch_size=8,
                        vocab_size=0, max_source_positions=66)
+SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+PROBE_KEY = "image_encoder.patch_embed.proj.weight"
+
+
+# --- SAM ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamSource:
+    """A SAM checkpoint, opened but not read: `state` fetches tensors on first use."""
+
+    spec: SamSpec
+    model_id: str
+    state: LazyState
+    what: str
+
+    def probe(self) -> torch.Tensor:
+        """The patch-embedding weights (small): compared with EVF-SAM's own copy."""
+        return self.state[PROBE_KEY].detach().float().clone()
+
+
+def open_sam(source: str | Path | None, variant: str | dict | SamSpec | None = None,
+             seed: int = 0) -> SamSource:
+    """SAM from an official `.pth` (path, official name or URL), the `visual_model.*` part of an
+    EVF-SAM checkpoint (its directory or weights file), or random weights when `source` is None
+    (small variants only: the whole random model is built, then parts are taken from it)."""
+    if source is None:
+        if variant is None:
+            raise ModelConfigError("random SAM weights need a variant (e.g. 'tiny')")
+        spec = get_sam_spec(variant)
+        torch.manual_seed(seed)
+        state = build_sam(spec).state_dict()
+        return SamSource(spec, f"sam-{spec.name}:random-{seed}", LazyState.of(state),
+                         f"random SAM {spec.name}")
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        state, name = open_hf_weights(path), f"{path.name}/visual_model"
+    else:
+        path = resolve_file(source)
+        state, name = open_state(path), path.stem
+    if any(k.startswith("visual_model.") for k in state.shapes):
+        log.warning("using the visual_model of an EVF-SAM checkpoint (%s) as SAM: its prompt "
+                    "encoder and mask decoder are EVF's fine-tuned ones", source)
+        state = state.sub("visual_model.")
+        if not name.endswith("visual_model"):
+            name = f"{name}/visual_model"
+    spec = get_sam_spec(variant) if variant is not None else match_variant(infer_sam_spec(state))
+    return SamSource(spec, f"sam-{spec.name}:{name}", state, f"SAM checkpoint {source}")
+
+
+def load_sam_part(src: SamSource, part: str) -> nn.Module:
+    """One of SAM's modules ("image_encoder", "prompt_encoder", "mask_decoder"), reading only
+    its own keys; every key's shape is checked against the spec."""
+    if part not in SAM_PARTS:
+        raise ValueError(f"unknown SAM part {part!r}; use {SAM_PARTS}")
+    from biprompt.models.checkpoint import check_keys, expected_shapes
+
+    with torch.device("meta"):
+        whole = build_sam(src.spec)
+    check_keys(expected_shapes(whole), src.state, src.what)  # shapes only: reads nothing
+    return materialize(lambda: getattr(build_sam(src.spec), part), src.state.sub(part + "."),
+                       f"{src.what} ({part})")
 
 
 @dataclass
@@ -40,30 +111,14 @@ class LoadedSam:
 
 def load_sam(source: str | Path | None, variant: str | dict | SamSpec | None = None,
              seed: int = 0) -> LoadedSam:
-    """SAM from an official `.pth` (path, official name or URL), the `visual_model.*` part of an
-    EVF-SAM checkpoint (its directory or weights file), or random weights when `source` is None."""
-    if source is None:
-        if variant is None:
-            raise ModelConfigError("random SAM weights need a variant (e.g. 'tiny')")
-        spec = get_sam_spec(variant)
-        torch.manual_seed(seed)
-        return LoadedSam(build_sam(spec), spec, f"sam-{spec.name}:random-{seed}")
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
-        state, name = read_hf_weights(path), f"{path.name}/visual_model"
-    else:
-        path = resolve_file(source)
-        state, name = read_state_dict(path), path.stem
-    if any(k.startswith("visual_model.") for k in state):
-        log.warning("using the visual_model of an EVF-SAM checkpoint (%s) as SAM: its prompt "
-                    "encoder and mask decoder are EVF's fine-tuned ones", source)
-        state = sub_state(state, "visual_model.")
-        if not name.endswith("visual_model"):
-            name = f"{name}/visual_model"
-    spec = get_sam_spec(variant) if variant is not None else match_variant(infer_sam_spec(state))
-    model = materialize(lambda: build_sam(spec), state, f"SAM checkpoint {source}",
+    """A whole SAM (every part read): for tests, training and tools, not for serving roles."""
+    src = open_sam(source, variant, seed)
+    model = materialize(lambda: build_sam(src.spec), src.state, src.what,
                         fix_buffers=fix_sam_buffers)
-    return LoadedSam(model, spec, f"sam-{spec.name}:{name}")
+    return LoadedSam(model, src.spec, src.model_id)
+
+
+# --- EVF-SAM --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -75,7 +130,31 @@ class LoadedText:
     encoder_probe: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TextInfo:
+    """What the other roles need to know of the text model, from its config alone."""
+
+    model_id: str
+    image_size: int  # BEiT-3's input side: the encoder role prepares this view of each image
+
+
+def _text_dir(cfg: TextModelConfig, config_only: bool = False) -> Path:
+    return resolve_dir(cfg.checkpoint, files=["config.json"] if config_only else None)
+
+
+def text_model_info(cfg: TextModelConfig | None, sam_spec: SamSpec) -> TextInfo | None:
+    """The text model's id and image size without reading its weights."""
+    if cfg is None:
+        return None
+    if cfg.checkpoint:
+        directory = _text_dir(cfg, config_only=True)
+        config = EvfConfig.from_file(directory / "config.json")
+        return TextInfo(f"evf:{directory.name}", config.beit3_spec.img_size)
+    return TextInfo(f"evf-{sam_spec.name}:random-{cfg.seed}", TINY_BEIT3.img_size)
+
+
 def load_text_model(source: str | Path, **limits) -> LoadedText:
+    """EVF-SAM from its directory or hub id, without its image encoder."""
     directory = resolve_dir(source)
     loaded = load_evf(directory)
     tok = TextTokenizer.from_pretrained(directory, **limits)
@@ -105,25 +184,14 @@ def random_text_model(sam_spec: SamSpec, beit3: Beit3Spec = TINY_BEIT3, seed: in
     return LoadedText(model, tok, config, f"evf-{sam_spec.name}:random-{seed}")
 
 
-def read_profile(path: str | Path) -> dict:
-    """A model profile YAML, with checkpoint paths made relative to the file's directory."""
-    path = Path(path)
-    try:
-        profile = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelConfigError(f"could not read model profile {path}: {exc}") from None
-    for section in ("sam", "text_model"):
-        part = profile.get(section) or {}
-        ckpt = part.get("checkpoint")
-        if isinstance(ckpt, str):
-            ckpt = os.path.expandvars(ckpt)
-            if "${" in ckpt or ckpt.startswith("$"):
-                raise ModelConfigError(
-                    f"{path}: {section}.checkpoint is {part['checkpoint']!r} and that "
-                    "environment variable is not set"
-                )
-            if ckpt.startswith("."):
-                ckpt = str((path.parent / ckpt).resolve())
-            part["checkpoint"] = ckpt
-    profile.setdefault("name", path.stem)
-    return profile
+def load_text(cfg: TextModelConfig, sam_spec: SamSpec) -> LoadedText:
+    """The profile's text model: a checkpoint, or random small weights."""
+    limits = {"max_tokens": cfg.max_tokens, "max_chars": cfg.max_chars}
+    if cfg.checkpoint:
+        return load_text_model(cfg.checkpoint, **limits)
+    return random_text_model(sam_spec, seed=cfg.seed, **limits)
+
+
+def open_profile_sam(profile: ModelProfile) -> SamSource:
+    s = profile.sam
+    return open_sam(s.checkpoint, s.variant, s.seed)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from biprompt.config import DEFAULT_MAX_PIXELS
 from biprompt.errors import InvalidImageError, PayloadTooLargeError
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 MIN_SIDE = 2
 
 

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biprompt.config import MAX_POINTS
 from biprompt.errors import InvalidPromptError
 from biprompt.selection import MODES
-
-MAX_POINTS = 64
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from biprompt.config import MAX_TEXT_CHARS, MAX_TEXT_TOKENS
 from biprompt.errors import InvalidPromptError, ModelConfigError
 
-DEFAULT_MAX_TOKENS = 64
-DEFAULT_MAX_CHARS = 512
+DEFAULT_MAX_TOKENS = MAX_TEXT_TOKENS
+DEFAULT_MAX_CHARS = MAX_TEXT_CHARS
 
 
 class TextTokenizer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,3 +44,5 @@ class SegmentResult:
     strategy: str
     agreement: float | None
     mode: str
+    expert_masks: dict[str, np.ndarray] = field(default_factory=dict)  # name -> HxW bool
+    expert_ious: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (K,) per candidate

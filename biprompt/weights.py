@@ -121,18 +121,20 @@ def resolve_file(source: str | os.PathLike, filename: str | None = None) -> Path
     )
 
 
-def resolve_dir(source: str | os.PathLike) -> Path:
-    """An EVF-SAM checkpoint directory: a local path or a hub id (e.g. `YxZhang/evf-sam`)."""
+def resolve_dir(source: str | os.PathLike, files: list[str] | None = None) -> Path:
+    """An EVF-SAM checkpoint directory: a local path or a hub id (e.g. `YxZhang/evf-sam`).
+    `files`: fetch only these patterns from the hub (e.g. config.json for a role that needs no
+    weights); default: every file EVF-SAM needs."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     text = str(source)
     if _HUB_ID.match(text):
-        return Path(_hub(text))
+        return Path(_hub(text, patterns=files))
     raise WeightsUnavailableError(f"{text!r} is neither a local directory nor a hub id (owner/name)")
 
 
-def _hub(repo: str, filename: str | None = None) -> str:
+def _hub(repo: str, filename: str | None = None, patterns: list[str] | None = None) -> str:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     repo = repo.removeprefix("hf://")
@@ -141,7 +143,7 @@ def _hub(repo: str, filename: str | None = None) -> str:
     try:
         if filename:
             return hf_hub_download(repo, filename)
-        return snapshot_download(repo, allow_patterns=EVF_FILES)
+        return snapshot_download(repo, allow_patterns=patterns or EVF_FILES)
     except Exception as exc:  # offline, no network, unknown repo, gated...
         what = f"{repo}/{filename}" if filename else repo
         raise WeightsUnavailableError(f"{what} is not available ({type(exc).__name__}): {how}") from None

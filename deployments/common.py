@@ -1,4 +1,4 @@
-"""What every deployment shares: loading its part of the pipeline, the cache, metrics, timing."""
+"""What every deployment shares: building its engine, the cache, metrics, timing, its stats."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import logging
 import os
 import time
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import torch
 from ray.serve.metrics import Counter, Histogram
 
 from biprompt.cache import Cached, make_store
-from biprompt.pipeline import BiPromptPipeline
+from biprompt.engines import ENGINES
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 log = logging.getLogger("biprompt.serve")
-REPO = Path(__file__).resolve().parent.parent
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 AGREEMENT_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0]
@@ -35,23 +35,33 @@ def unpack_bits(packed: dict) -> np.ndarray:
     return np.unpackbits(packed["bits"], count=int(np.prod(shape))).view(bool).reshape(shape)
 
 
-def profile_path(config: dict) -> Path:
-    p = Path(config["model_profile"]).expanduser()
-    return p if p.is_absolute() else REPO / p
-
-
-def load_pipeline(config: dict, roles: tuple[str, ...]) -> BiPromptPipeline:
-    """This replica's part of the model. Every role loads the same profile, so model ids (and so
-    cache keys) agree across deployments and replicas."""
+def build_engine(role: str, args: AppArgs):
+    """This replica's engine, loading only its own weights. Every role reads the same profile,
+    so model ids (and so cache keys) agree across deployments and replicas."""
     t = time.perf_counter()
-    options = {"max_pixels": config["max_image_pixels"]}
-    if config.get("agreement_threshold") is not None:
-        options["agreement_threshold"] = config["agreement_threshold"]
-    if config.get("fast_encoder") is not None:
-        options["fast_encoder"] = config["fast_encoder"]
-    pipe = BiPromptPipeline.from_config(profile_path(config), **options).release(roles)
-    log.info("loaded %s for %s in %.1f s", pipe.model_ids, roles, time.perf_counter() - t)
-    return pipe
+    options = {"max_pixels": args.max_image_pixels} if role == "encoder" else {}
+    engine = ENGINES[role].from_profile(args.profile(), **options)
+    log.info("loaded the %s engine (%s) in %.1f s", role, engine.model_id,
+             time.perf_counter() - t)
+    return engine
+
+
+def warm_up(engine) -> None:
+    """One dummy forward before the replica takes traffic (lazy init, allocator, kernels)."""
+    warm = getattr(engine, "warmup", None)
+    if warm is not None:
+        t = time.perf_counter()
+        with torch.no_grad():
+            warm()
+        log.info("warmed up in %.2f s", time.perf_counter() - t)
+
+
+def replica_stats(clock: ReplicaClock, engine=None, **counts) -> dict:
+    """What a replica's `stats()` returns: its counters, torch threads, its process (peak and
+    current RSS, time to ready) and the model weights it holds (bytes by part)."""
+    weights = engine.weights() if engine is not None and hasattr(engine, "weights") else {}
+    return {**counts, "torch_threads": torch.get_num_threads(), "process": clock.stats(),
+            "weights": weights}
 
 
 @cache
@@ -83,10 +93,10 @@ def cache_observer(what: str, outcome: str) -> None:
         log.exception("could not count a cache %s %s", what, outcome)
 
 
-def make_cache(config: dict) -> Cached:
-    store = make_store(config.get("cache_url"), config.get("cache_ttl_s"),
-                       local_max_bytes=int(config.get("local_cache_mb", 512) * 2**20),
-                       timeout_s=config.get("cache_timeout_s", 0.5), observer=cache_observer)
+def make_cache(args: AppArgs) -> Cached:
+    store = make_store(args.cache_url, args.cache_ttl_s,
+                       local_max_bytes=int(args.local_cache_mb * 2**20),
+                       timeout_s=args.cache_timeout_s, observer=cache_observer)
     return Cached(store, cache_observer)
 
 

@@ -9,35 +9,49 @@ same image.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ray import serve
 
-from biprompt.cache import embedding_key, pack_embedding
-from deployments.common import configure_replica, load_pipeline, make_cache, metrics, run_model
+from biprompt.cache import Cached, embedding_key, pack_embedding
+from biprompt.engines import ImageEncoderEngine
+from deployments.common import (
+    build_engine,
+    configure_replica,
+    make_cache,
+    metrics,
+    replica_stats,
+    run_model,
+    warm_up,
+)
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 
 class ImageEncoder:
-    def __init__(self, config: dict):
-        self.pipe = load_pipeline(config, roles=("encoder",))
-        self.dtype = config["embedding_dtype"]
-        self.cache = make_cache(config)
-        self.model_id = self.pipe.sam_model_id
+    def __init__(self, args: AppArgs, *, engine: ImageEncoderEngine | None = None,
+                 cache: Cached | None = None):
+        self.clock = ReplicaClock()
+        self.engine = engine or build_engine("encoder", args)
+        self.dtype = args.embedding_dtype
+        self.cache = cache or make_cache(args)
+        self.model_id = self.engine.model_id
         self.counts = {"requests": 0, "images": 0, "batches": 0, "shared_cache_hits": 0}
+        warm_up(self.engine)
+        self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._encode, user_config)
 
     def info(self) -> dict:
-        text = self.pipe.text
+        text = self.engine.text
         return {
-            "model": self.pipe.model_ids,
-            "sam_variant": self.pipe.spec.name,
-            "image_size": self.pipe.spec.img_size,
+            "model": {"sam": self.model_id, "text": text.model_id if text else None},
+            "sam_variant": self.engine.spec.name,
+            "image_size": self.engine.spec.img_size,
             "text_model": text is not None,
         }
 
     def stats(self) -> dict:
-        return {**self.counts, "torch_threads": torch.get_num_threads()}
+        return replica_stats(self.clock, self.engine, **self.counts)
 
     async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes:
         self.counts["requests"] += 1
@@ -55,7 +69,7 @@ class ImageEncoder:
         unique: dict[str, np.ndarray] = {}
         for rgb, _, key in items:
             unique.setdefault(key, rgb)
-        embs, ms = await run_model(self.pipe.embed_batch, list(unique.values()))
+        embs, ms = await run_model(self.engine.embed_rgb, list(unique.values()))
         self.counts["batches"] += 1
         self.counts["images"] += len(unique)
         metrics()["encoder_images"].inc(len(unique))

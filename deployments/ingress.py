@@ -34,8 +34,9 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from biprompt.cache import embedding_header, embedding_key, pack_mask, text_mask_key
+from biprompt.cache import Cached, embedding_header, embedding_key, pack_mask, text_mask_key
 from biprompt.cache import image_id as hash_image
+from biprompt.config import MAX_POINTS
 from biprompt.errors import (
     InvalidInputError,
     NotFoundError,
@@ -44,7 +45,7 @@ from biprompt.errors import (
 )
 from biprompt.images import decode_image_bytes
 from biprompt.prompts import make_prompt
-from deployments.common import make_cache, unpack_bits
+from deployments.common import make_cache, replica_stats, unpack_bits
 from deployments.http import (
     ERROR_RESPONSES,
     PUBLIC_PATHS,
@@ -54,6 +55,8 @@ from deployments.http import (
     error_info,
     reply_media,
 )
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 
 # NOTE: serve.ingress must run where the class is defined: it rewrites the routes registered on
@@ -63,19 +66,25 @@ from deployments.http import (
 class Ingress:
 
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle,
-                 text: DeploymentHandle, selector: DeploymentHandle, config: dict):
+                 text: DeploymentHandle, selector: DeploymentHandle, args: AppArgs, *,
+                 cache: Cached | None = None):
+        self.clock = ReplicaClock()
         self.encoder, self.decoder, self.text, self.selector = encoder, decoder, text, selector
-        self.config = config
-        self.cache = make_cache(config)
-        self.api_key = config.get("api_key") or None
-        self.max_body = int(config["max_body_mb"] * 2**20)
-        self.max_pixels = int(config["max_image_pixels"])
-        self.max_items = int(config["max_batch_items"])
+        self.args = args
+        self.cache = cache or make_cache(args)
+        self.api_key = args.api_key or None
+        self.max_body = int(args.max_body_mb * 2**20)
+        self.max_pixels = int(args.max_image_pixels)
+        self.max_items = int(args.max_batch_items)
         self._info: dict | None = None
         self._inflight: dict[str, DeploymentResponse] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.clock.ready()
 
     # --- plumbing ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return replica_stats(self.clock, inflight_encodes=len(self._inflight))
 
     async def info(self) -> dict:
         if self._info is None:
@@ -276,7 +285,7 @@ class Ingress:
         self._auth(request)
         info = await self.info()
         limits = {"max_body_bytes": self.max_body, "max_image_pixels": self.max_pixels,
-                  "max_batch_items": self.max_items, "max_points": 64}
+                  "max_batch_items": self.max_items, "max_points": MAX_POINTS}
         return self._reply(request, {**info, "limits": limits, "cache": self.cache.store.describe()})
 
     @api.get("/healthz")

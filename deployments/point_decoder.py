@@ -6,24 +6,37 @@ decoder call per prompt shape. Returns SAM's three candidates and their predicte
 
 from __future__ import annotations
 
-import torch
 from ray import serve
 
 from biprompt.cache import embedding_header, unpack_embedding
+from biprompt.engines import PointDecoderEngine
 from biprompt.prompts import Prompt
-from deployments.common import configure_replica, load_pipeline, metrics, pack_bits, run_model
+from deployments.common import (
+    build_engine,
+    configure_replica,
+    metrics,
+    pack_bits,
+    replica_stats,
+    run_model,
+    warm_up,
+)
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 
 class PointDecoder:
-    def __init__(self, config: dict):
-        self.pipe = load_pipeline(config, roles=("points",))
+    def __init__(self, args: AppArgs, *, engine: PointDecoderEngine | None = None):
+        self.clock = ReplicaClock()
+        self.engine = engine or build_engine("points", args)
         self.counts = {"requests": 0, "prompts": 0, "batches": 0}
+        warm_up(self.engine)
+        self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._decode, user_config)
 
     def stats(self) -> dict:
-        return {**self.counts, "torch_threads": torch.get_num_threads()}
+        return replica_stats(self.clock, self.engine, **self.counts)
 
     async def __call__(self, embedding: bytes, prompt: Prompt) -> dict:
         self.counts["requests"] += 1
@@ -47,8 +60,8 @@ class PointDecoder:
         out: list[dict | None] = [None] * len(items)
         for idx in by_image.values():
             blob = items[idx[0]][0]
-            emb = unpack_embedding(blob, self.pipe.sam_model_id)
-            cands = self.pipe.decode_points(emb, [items[i][1] for i in idx])
+            emb = unpack_embedding(blob, self.engine.model_id)
+            cands = self.engine.decode_points(emb, [items[i][1] for i in idx])
             for i, c in zip(idx, cands, strict=True):
                 out[i] = {"masks": pack_bits(c.masks), "scores": c.scores}
         return out  # type: ignore[return-value]

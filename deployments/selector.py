@@ -1,5 +1,5 @@
-"""Selector (CPU): joins SAM's candidates and the text mask, picks one (biprompt.selection), and
-encodes the masks for the wire (COCO RLE or PNG)."""
+"""Selector (CPU): joins SAM's candidates and the expert masks (biprompt.join) and encodes the
+masks for the wire (COCO RLE or PNG)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import numpy as np
 from biprompt_client import rle
 from PIL import Image
 
-from biprompt.selection import select
-from deployments.common import metrics, unpack_bits
+from biprompt.join import join
+from biprompt.types import PointCandidates
+from deployments.common import metrics, replica_stats, unpack_bits
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 
 def encode_mask(mask: np.ndarray, fmt: str):
@@ -25,40 +28,50 @@ def encode_mask(mask: np.ndarray, fmt: str):
     return None
 
 
+def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> np.ndarray | None:
+    """An expert's reply ({"mask": packed bits, "<name>_ms": ...}) or a cached mask."""
+    if isinstance(value, dict):
+        timings[f"{name}_model"] = value.get(f"{name}_ms", 0.0)
+        return unpack_bits(value["mask"])
+    return value
+
+
 class Selector:
-    def __init__(self, config: dict):
-        self.threshold = config["agreement_threshold_resolved"]
+    def __init__(self, args: AppArgs):
+        self.clock = ReplicaClock()
+        self.threshold = float(args.resolved().agreement_threshold)
+        self.clock.ready()
+
+    def stats(self) -> dict:
+        return replica_stats(self.clock)
 
     async def __call__(self, points: dict | None, text: dict | np.ndarray | None, spec: dict) -> dict:
         t = time.perf_counter()
-        if isinstance(text, dict):
-            text_mask, timings = unpack_bits(text["mask"]), {"text_model": text["text_ms"]}
-        else:
-            text_mask, timings = text, {}
-        mode, fmt = spec["mode"], spec["mask_format"]
-        out: dict = {"candidates": [], "text_mask": None}
-        if points is None:  # text mode without points
-            mask, selected, strategy, agreement = text_mask, None, "text", None
-        else:
+        timings: dict[str, float] = {}
+        experts = {"text": _expert_mask(text, "text", timings)}
+        cands = None
+        if points is not None:
             timings["point_decoder"] = points["decoder_ms"]
-            masks, scores = unpack_bits(points["masks"]), points["scores"]
-            sel = select(masks, scores, text_mask, mode, self.threshold)
-            selected, strategy, agreement = sel.selected, sel.strategy, sel.agreement
-            mask = text_mask if mode == "text" else masks[sel.selected]
-            for i, score in enumerate(scores):
+            cands = PointCandidates(unpack_bits(points["masks"]), points["scores"], None)
+        res = join(cands, experts, spec["mode"], self.threshold)
+        fmt = spec["mask_format"]
+        out: dict = {"candidates": [], "text_mask": None}
+        if cands is not None:
+            text_ious = res.expert_ious.get("text")
+            for i, score in enumerate(cands.scores):
                 out["candidates"].append({
                     "index": i,
                     "predicted_iou": float(score),
-                    "text_iou": None if sel.text_ious is None else float(sel.text_ious[i]),
-                    "mask": encode_mask(masks[i], fmt) if spec["return_candidates"] else None,
+                    "text_iou": None if text_ious is None else float(text_ious[i]),
+                    "mask": encode_mask(cands.masks[i], fmt) if spec["return_candidates"] else None,
                 })
-        if spec["return_text_mask"] and text_mask is not None:
-            out["text_mask"] = encode_mask(text_mask, fmt)
-        out.update(mask=encode_mask(mask, fmt), selected=selected, strategy=strategy,
-                   agreement=agreement)
-        metrics()["strategy"].inc(tags={"strategy": strategy})
-        if agreement is not None:
-            metrics()["agreement"].observe(agreement)
+        if spec["return_text_mask"] and res.text_mask is not None:
+            out["text_mask"] = encode_mask(res.text_mask, fmt)
+        out.update(mask=encode_mask(res.mask, fmt), selected=res.selected, strategy=res.strategy,
+                   agreement=res.agreement)
+        metrics()["strategy"].inc(tags={"strategy": res.strategy})
+        if res.agreement is not None:
+            metrics()["agreement"].observe(res.agreement)
         timings["selector"] = (time.perf_counter() - t) * 1000.0
         out["timings_ms"] = timings
         return out

@@ -7,48 +7,59 @@ cache it stores each mask under (image, text, text model), so repeated words ski
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ray import serve
 
-from biprompt.cache import pack_mask, unpack_embedding
+from biprompt.cache import Cached, pack_mask, unpack_embedding
+from biprompt.engines import TextMaskEngine
 from biprompt.errors import InvalidPromptError
 from deployments.common import (
+    build_engine,
     configure_replica,
-    load_pipeline,
     make_cache,
     metrics,
     pack_bits,
+    replica_stats,
     run_model,
+    warm_up,
 )
+from deployments.process import ReplicaClock
+from deployments.settings import AppArgs
 
 
 class TextMask:
-    def __init__(self, config: dict):
-        self.pipe = load_pipeline(config, roles=("text",))
-        self.cache = make_cache(config)
+    def __init__(self, args: AppArgs, *, engine: TextMaskEngine | None = None,
+                 cache: Cached | None = None):
+        self.clock = ReplicaClock()
+        if engine is None and args.profile().text is not None:
+            engine = build_engine("text", args)
+        self.engine = engine  # None: the profile has no text model
+        self.cache = cache or make_cache(args)
         self.counts = {"requests": 0, "pairs": 0, "batches": 0}
+        if self.engine is not None:
+            warm_up(self.engine)
+        self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._run, user_config)
 
     def stats(self) -> dict:
-        return {**self.counts, "torch_threads": torch.get_num_threads()}
+        return replica_stats(self.clock, self.engine, **self.counts)
 
     async def __call__(self, embedding: bytes, text: str, cache_key: str | None = None) -> dict:
         self.counts["requests"] += 1
-        if self.pipe.text is None:
+        if self.engine is None:
             raise InvalidPromptError("this deployment has no text model: use mode 'point'")
         # checked one by one, before batching: one over-long text must not fail its batch-mates
-        self.pipe.text.tokenizer.validate(text)
+        self.engine.validate(text)
         mask, ms = await self._run((embedding, text))
         if cache_key and self.cache.store.shared:
-            await self.cache.store.set(cache_key, pack_mask(mask, self.pipe.text.model_id))
+            await self.cache.store.set(cache_key, pack_mask(mask, self.engine.model_id))
         return {"mask": pack_bits(mask), "text_ms": ms}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, float]]:
-        embs = [unpack_embedding(blob, self.pipe.sam_model_id) for blob, _ in items]
-        masks, ms = await run_model(self.pipe.text_masks, embs, [t.strip() for _, t in items])
+        embs = [unpack_embedding(blob, self.engine.sam_model_id) for blob, _ in items]
+        masks, ms = await run_model(self.engine.text_masks, embs, [t.strip() for _, t in items])
         self.counts["batches"] += 1
         self.counts["pairs"] += len(items)
         metrics()["text_pairs"].inc(len(items))

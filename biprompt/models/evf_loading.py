@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from biprompt.errors import CheckpointError
-from biprompt.models.checkpoint import check_keys, expected_shapes, read_state_dict
+from biprompt.models.checkpoint import LazyState, check_keys, expected_shapes, open_state
 from biprompt.models.evf import EvfConfig, EvfSam
 from biprompt.models.loading import fix_sam_buffers, materialize
 
@@ -31,11 +31,14 @@ def weights_file_names(directory: Path) -> list[Path]:
     )
 
 
+def open_hf_weights(directory: Path) -> LazyState:
+    """Every tensor of the directory's weights (all shards), read on first use."""
+    return LazyState.union(open_state(f) for f in weights_file_names(Path(directory)))
+
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in weights_file_names(directory):
-        state.update(read_state_dict(f))
-    return state
+    state = open_hf_weights(directory)
+    return {k: state[k] for k in state}
 
 
 @dataclass
@@ -46,16 +49,17 @@ class LoadedEvf:
 
 
 def load_evf(directory: str | Path) -> LoadedEvf:
-    """Check every key against the full EVF-SAM layout, then keep all but the image encoder
-    (the pipeline's SAM embedding replaces it)."""
+    """Check every key's shape against the full EVF-SAM layout, then read all but the image
+    encoder (the pipeline's SAM embedding replaces it): its weights are never read, except the
+    patch embedding kept as a probe."""
     directory = Path(directory)
     config = EvfConfig.from_file(directory / "config.json")
-    state = read_hf_weights(directory)
+    state = open_hf_weights(directory)
     with torch.device("meta"):
         full = EvfSam(config, with_image_encoder=True)
     check_keys(expected_shapes(full), state, f"EVF-SAM checkpoint {directory}")
     probe = state[ENCODER_PREFIX + "patch_embed.proj.weight"].float().clone()
-    kept = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
+    kept = state.without(ENCODER_PREFIX)
     model = materialize(
         lambda: EvfSam(config, with_image_encoder=False), kept,
         f"EVF-SAM checkpoint {directory}", fix_buffers=fix_sam_buffers,

@@ -8,6 +8,7 @@ without being told its variant.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -21,6 +22,7 @@ from segment_anything.modeling import (
 )
 
 from biprompt.errors import CheckpointError, ModelConfigError
+from biprompt.models.checkpoint import LazyState, shapes_of
 from biprompt.models.spec import SpecDict
 from biprompt.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
@@ -129,31 +131,33 @@ def _count(prefix_re: str, keys) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def infer_sam_spec(state: dict[str, torch.Tensor], prefix: str = "") -> SamSpec:
-    """Read a SamSpec back from a SAM state dict's shapes.
+def infer_sam_spec(state: Mapping[str, torch.Tensor] | LazyState, prefix: str = "") -> SamSpec:
+    """Read a SamSpec back from a SAM state dict's shapes (no tensor is read).
 
     Decoder attention heads can't be seen in shapes: the official 8 is assumed unless it
     doesn't divide the widths, in which case the largest divisor up to 8 is used. Name a variant
     or pass a SamSpec to override.
     """
-    def get(key: str) -> torch.Tensor:
+    shapes = shapes_of(state)
+
+    def get(key: str) -> tuple[int, ...]:
         full = prefix + key
-        if full not in state:
+        if full not in shapes:
             raise CheckpointError(f"not a SAM checkpoint: key {full!r} is missing")
-        return state[full]
+        return tuple(shapes[full])
 
     pos = get("image_encoder.pos_embed")  # 1 x g x g x dim
     patch = get("image_encoder.patch_embed.proj.weight")  # dim x 3 x p x p
-    grid, dim, p = pos.shape[1], pos.shape[3], patch.shape[-1]
-    keys = [k[len(prefix):] for k in state if k.startswith(prefix)]
+    grid, dim, p = pos[1], pos[3], patch[-1]
+    keys = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
     depth = _count(r"image_encoder\.blocks\.(\d+)\.", keys)
     rel = [get(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
-    head_dim = rel[0].shape[1]
-    global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
-    windowed = [r.shape[0] for r in rel if r.shape[0] != 2 * grid - 1]
+    head_dim = rel[0][1]
+    global_idx = tuple(i for i, r in enumerate(rel) if r[0] == 2 * grid - 1)
+    windowed = [r[0] for r in rel if r[0] != 2 * grid - 1]
     window = (windowed[0] + 1) // 2 if windowed else 14
-    prompt_dim = get("image_encoder.neck.0.weight").shape[0]
-    mlp_dim = get("mask_decoder.transformer.layers.0.mlp.lin1.weight").shape[0]
+    prompt_dim = get("image_encoder.neck.0.weight")[0]
+    mlp_dim = get("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0]
     iou_layers = _count(r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.", keys)
     heads = next(h for h in (8, 4, 2, 1) if prompt_dim % h == 0 and (prompt_dim // 2) % h == 0)
     return SamSpec(
@@ -165,12 +169,12 @@ def infer_sam_spec(state: dict[str, torch.Tensor], prefix: str = "") -> SamSpec:
         patch_size=p,
         window_size=window,
         prompt_dim=prompt_dim,
-        mask_in_chans=get("prompt_encoder.mask_downscaling.3.weight").shape[0],
+        mask_in_chans=get("prompt_encoder.mask_downscaling.3.weight")[0],
         decoder_depth=_count(r"mask_decoder\.transformer\.layers\.(\d+)\.", keys),
         decoder_mlp_dim=mlp_dim,
         decoder_heads=heads,
         iou_head_depth=iou_layers,
-        iou_head_hidden_dim=get("mask_decoder.iou_prediction_head.layers.0.weight").shape[0],
+        iou_head_hidden_dim=get("mask_decoder.iou_prediction_head.layers.0.weight")[0],
     )
 
 

@@ -16,7 +16,7 @@ def count_calls(module):
 
 
 def test_one_encoder_pass_serves_point_and_text(tiny_pipeline, rgb_image):
-    sam_calls, h1 = count_calls(tiny_pipeline.sam.image_encoder)
+    sam_calls, h1 = count_calls(tiny_pipeline.encoder.encoder)
     text_calls, h2 = count_calls(tiny_pipeline.text.model.mm_extractor.beit3)
     try:
         res = tiny_pipeline.segment(rgb_image, [[150, 100]], text="the red circle")
@@ -57,7 +57,7 @@ def test_embedding_from_another_model_is_refused(tiny_pipeline, rgb_image):
 def test_point_only_pipeline_refuses_text(rgb_image):
     from biprompt.factory import load_sam
 
-    pipe = BiPromptPipeline(load_sam(None, "tiny"))
+    pipe = BiPromptPipeline.from_models(load_sam(None, "tiny"))
     assert pipe.model_ids["text"] is None
     assert pipe.segment(rgb_image, [[5, 5]]).strategy == "fallback_no_text"
     with pytest.raises(InvalidPromptError, match="no text model"):

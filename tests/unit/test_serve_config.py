@@ -63,6 +63,10 @@ def test_app_args_reject_unknown_fields_and_deployments():
 def test_build_app_resolves_profile_and_threshold():
     app = build_app({"agreement_threshold": 0.3})
     ingress = app._bound_deployment
-    config = ingress.init_args[-1]
-    assert Path(config["model_profile"]).is_absolute()
-    assert config["agreement_threshold_resolved"] == 0.3
+    args = ingress.init_args[-1]
+    assert isinstance(args, AppArgs)  # typed end to end, not a dict
+    assert Path(args.model_profile).is_absolute()
+    assert args.agreement_threshold == 0.3
+    # without an override, the threshold is the profile's (demo: 0.05)
+    default = build_app({})._bound_deployment.init_args[-1]
+    assert default.agreement_threshold == 0.05

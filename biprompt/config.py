@@ -1,0 +1,45 @@
+"""Every limit and default of the library and the server, defined once.
+
+The server's typed settings (deployments/settings.py: `AppArgs`) and the model profile
+(biprompt/profile.py) take their defaults from here; nothing else repeats these numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# --- prompts and inputs ---------------------------------------------------------------------
+MAX_POINTS = 64  # points per prompt
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decoded image pixels
+MAX_TEXT_TOKENS = 64  # tokens of a referring expression, after tokenisation
+MAX_TEXT_CHARS = 512  # characters of a referring expression the model accepts
+
+# --- selection ------------------------------------------------------------------------------
+DEFAULT_AGREEMENT_THRESHOLD = 0.1  # below this IoU with the text mask, the point wins
+
+# --- cache ----------------------------------------------------------------------------------
+CACHE_TTL_S = 86400  # embeddings and text masks, in Redis and in the in-process LRU
+LOCAL_CACHE_MB = 512  # bound of the in-process LRU
+CACHE_TIMEOUT_S = 0.5  # Redis socket timeout: a slower Redis is a miss
+REDIS_COOLDOWN_S = 2.0  # after a Redis failure, serve without it this long, then try again
+
+# --- serving --------------------------------------------------------------------------------
+MAX_BODY_MB = 32.0
+MAX_BATCH_ITEMS = 256  # items of one /v1/segment/batch call
+
+# --- model profiles -------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = "configs/models/demo.yaml"
+PROFILE_ENV = "BIPROMPT_PROFILE"
+
+
+def resolve_profile_path(path: str | os.PathLike | None = None) -> Path:
+    """A model profile's path: absolute as given; relative to the working directory if the file
+    is there, else to the repository root (so `configs/models/demo.yaml` works from anywhere in a
+    source checkout). None: $BIPROMPT_PROFILE, else the bundled demo profile."""
+    raw = path if path not in (None, "") else (os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE)
+    p = Path(raw).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO / p).resolve()

@@ -1,0 +1,117 @@
+"""Model profiles (configs/models/*.yaml), typed: which SAM and text model, on what device, with
+which selection threshold. Every role's engine is built from the same profile, so model ids (and
+so cache keys) agree across roles and replicas."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biprompt.config import (
+    DEFAULT_AGREEMENT_THRESHOLD,
+    MAX_TEXT_CHARS,
+    MAX_TEXT_TOKENS,
+    resolve_profile_path,
+)
+from biprompt.errors import ModelConfigError
+
+
+def read_profile(path: str | Path) -> dict:
+    """A model profile YAML as a dict, with checkpoint paths made relative to the file's
+    directory and environment variables expanded."""
+    path = Path(path)
+    try:
+        profile = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelConfigError(f"could not read model profile {path}: {exc}") from None
+    if not isinstance(profile, dict):
+        raise ModelConfigError(f"{path}: a model profile is a mapping, got {type(profile).__name__}")
+    for section in ("sam", "text_model"):
+        part = profile.get(section) or {}
+        ckpt = part.get("checkpoint")
+        if isinstance(ckpt, str):
+            ckpt = os.path.expandvars(ckpt)
+            if "${" in ckpt or ckpt.startswith("$"):
+                raise ModelConfigError(
+                    f"{path}: {section}.checkpoint is {part['checkpoint']!r} and that "
+                    "environment variable is not set"
+                )
+            if ckpt.startswith("."):
+                ckpt = str((path.parent / ckpt).resolve())
+            part["checkpoint"] = ckpt
+    profile.setdefault("name", path.stem)
+    return profile
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    checkpoint: str | None = None  # .pth path / official name / URL / EVF-SAM dir; None: random
+    variant: str | dict | None = None  # needed for random weights; else read from the shapes
+    seed: int = 0  # random weights only
+    fast_encoder: bool = True  # biprompt.models.fast_attention; False: the reference forward
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    checkpoint: str | None = None  # EVF-SAM directory or hub id
+    random: bool = False  # random small weights (the tiny profile)
+    seed: int = 0
+    max_tokens: int = MAX_TEXT_TOKENS
+    max_chars: int = MAX_TEXT_CHARS
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str | None = None  # None: the SAM model id
+    sam: SamConfig = field(default_factory=SamConfig)
+    text: TextModelConfig | None = None
+    agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD
+    device: str = "cpu"
+    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
+        sam = d.get("sam") or {}
+        text = d.get("text_model")
+        limits = d.get("text_limits") or {}
+        text_cfg = None
+        if text:
+            if not text.get("checkpoint") and not text.get("random"):
+                raise ModelConfigError("text_model needs a checkpoint, or random: true")
+            text_cfg = TextModelConfig(
+                checkpoint=text.get("checkpoint"), random=bool(text.get("random")),
+                seed=int(text.get("seed", 0)),
+                max_tokens=int(limits.get("max_tokens", MAX_TEXT_TOKENS)),
+                max_chars=int(limits.get("max_chars", MAX_TEXT_CHARS)))
+        sel = d.get("selection") or {}
+        return cls(
+            name=d.get("name"),
+            sam=SamConfig(checkpoint=sam.get("checkpoint"), variant=sam.get("variant"),
+                          seed=int(sam.get("seed", 0)),
+                          fast_encoder=bool(sam.get("fast_encoder", True))),
+            text=text_cfg,
+            agreement_threshold=float(sel.get("agreement_threshold",
+                                              DEFAULT_AGREEMENT_THRESHOLD)),
+            device=str(d.get("device", "cpu")),
+            dtype=d.get("dtype"),
+        )
+
+    @classmethod
+    def load(cls, source: str | Path | dict | ModelProfile | None) -> ModelProfile:
+        """From a profile, a dict, or a YAML path (None: $BIPROMPT_PROFILE or the demo's)."""
+        if isinstance(source, ModelProfile):
+            return source
+        if isinstance(source, dict):
+            return cls.from_dict(source)
+        return cls.from_dict(read_profile(resolve_profile_path(source)))
+
+    def with_options(self, *, fast_encoder: bool | None = None, **fields: Any) -> ModelProfile:
+        """A copy with top-level fields replaced (None values are ignored)."""
+        out = replace(self, **{k: v for k, v in fields.items() if v is not None})
+        if fast_encoder is not None:
+            out = replace(out, sam=replace(out.sam, fast_encoder=bool(fast_encoder)))
+        return out
