@@ -16,13 +16,20 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
-from biprompt.errors import ModelConfigError
+from biprompt.errors import CheckpointError, ModelConfigError
 from biprompt.models.beit3 import Beit3Spec
 from biprompt.models.checkpoint import LazyState, open_state
 from biprompt.models.evf import EvfConfig, EvfSam
 from biprompt.models.evf_loading import load_evf, open_hf_weights
 from biprompt.models.loading import fix_sam_buffers, materialize
-from biprompt.models.sam import SamSpec, build_sam, get_sam_spec, infer_sam_spec, match_variant
+from biprompt.models.sam import (
+    SAM_PART_BUILDERS,
+    SamSpec,
+    build_sam,
+    get_sam_spec,
+    infer_sam_spec,
+    match_variant,
+)
 from biprompt.profile import ModelProfile, TextModelConfig, read_profile
 from biprompt.text import TextTokenizer
 from biprompt.weights import resolve_dir, resolve_file
@@ -88,18 +95,20 @@ def open_sam(source: str | Path | None, variant: str | dict | SamSpec | None = N
     return SamSource(spec, f"sam-{spec.name}:{name}", state, f"SAM checkpoint {source}")
 
 
-def load_sam_part(src: SamSource, part: str) -> nn.Module:
+def load_sam_part(src: SamSource, part: str, dtype: torch.dtype | None = None) -> nn.Module:
     """One of SAM's modules ("image_encoder", "prompt_encoder", "mask_decoder"), reading only
-    its own keys; every key's shape is checked against the spec."""
+    its own keys (each checked against the spec), floating weights converted to `dtype`."""
     if part not in SAM_PARTS:
         raise ValueError(f"unknown SAM part {part!r}; use {SAM_PARTS}")
-    from biprompt.models.checkpoint import check_keys, expected_shapes
-
-    with torch.device("meta"):
-        whole = build_sam(src.spec)
-    check_keys(expected_shapes(whole), src.state, src.what)  # shapes only: reads nothing
-    return materialize(lambda: getattr(build_sam(src.spec), part), src.state.sub(part + "."),
-                       f"{src.what} ({part})")
+    unknown = sorted({k.split(".", 1)[0] for k in src.state.shapes} - set(SAM_PARTS))
+    if unknown:
+        raise CheckpointError(f"{src.what} does not fit the model: unexpected key(s) under "
+                              f"{unknown[0]!r}")
+    build = SAM_PART_BUILDERS[part]
+    # the decoder parts are small (about 4 M parameters): built on the CPU, they spare a decoder
+    # replica the meta device's machinery
+    return materialize(lambda: build(src.spec), src.state.sub(part + "."),
+                       f"{src.what} ({part})", dtype=dtype, meta=part == "image_encoder")
 
 
 @dataclass
@@ -153,10 +162,12 @@ def text_model_info(cfg: TextModelConfig | None, sam_spec: SamSpec) -> TextInfo 
     return TextInfo(f"evf-{sam_spec.name}:random-{cfg.seed}", TINY_BEIT3.img_size)
 
 
-def load_text_model(source: str | Path, **limits) -> LoadedText:
-    """EVF-SAM from its directory or hub id, without its image encoder."""
+def load_text_model(source: str | Path, dtype: torch.dtype | None = None,
+                    **limits) -> LoadedText:
+    """EVF-SAM from its directory or hub id, without its image encoder; floating weights
+    converted to `dtype` as they are read (None: as stored)."""
     directory = resolve_dir(source)
-    loaded = load_evf(directory)
+    loaded = load_evf(directory, dtype)
     tok = TextTokenizer.from_pretrained(directory, **limits)
     if len(tok.tokenizer) > loaded.config.beit3_spec.vocab_size:
         raise ModelConfigError(
@@ -184,11 +195,12 @@ def random_text_model(sam_spec: SamSpec, beit3: Beit3Spec = TINY_BEIT3, seed: in
     return LoadedText(model, tok, config, f"evf-{sam_spec.name}:random-{seed}")
 
 
-def load_text(cfg: TextModelConfig, sam_spec: SamSpec) -> LoadedText:
+def load_text(cfg: TextModelConfig, sam_spec: SamSpec,
+              dtype: torch.dtype | None = None) -> LoadedText:
     """The profile's text model: a checkpoint, or random small weights."""
     limits = {"max_tokens": cfg.max_tokens, "max_chars": cfg.max_chars}
     if cfg.checkpoint:
-        return load_text_model(cfg.checkpoint, **limits)
+        return load_text_model(cfg.checkpoint, dtype, **limits)
     return random_text_model(sam_spec, seed=cfg.seed, **limits)
 
 

@@ -76,11 +76,14 @@ class BiPromptPipeline:
     def _compose(cls, sam: SamSource, p: ModelProfile, text: TextMaskEngine | None,
                  max_pixels: int) -> BiPromptPipeline:
         info = TextInfo(text.model_id, text.config.beit3_spec.img_size) if text else None
-        encoder = ImageEncoderEngine(load_sam_part(sam, "image_encoder"), sam.spec, sam.model_id,
+        dtype = resolve_dtype(p.dtype, torch.device(p.device))
+        encoder = ImageEncoderEngine(load_sam_part(sam, "image_encoder", dtype), sam.spec,
+                                     sam.model_id,
                                      text=info, device=p.device, dtype=p.dtype,
                                      fast_encoder=p.sam.fast_encoder, max_pixels=max_pixels)
         decoder = PointDecoderEngine(load_sam_part(sam, "prompt_encoder"),
-                                     load_sam_part(sam, "mask_decoder"), sam.spec, sam.model_id,
+                                     load_sam_part(sam, "mask_decoder", dtype), sam.spec,
+                                     sam.model_id,
                                      device=p.device, dtype=p.dtype)
         return cls(encoder, decoder, text, agreement_threshold=p.agreement_threshold,
                    name=p.name)

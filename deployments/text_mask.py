@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from biprompt.cache import Cached, pack_mask, unpack_embedding
+from biprompt.cache import Cached, embedding_header, pack_mask, unpack_embedding
 from biprompt.engines import TextMaskEngine
 from biprompt.errors import InvalidPromptError
 from deployments.common import (
@@ -58,10 +58,15 @@ class TextMask:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, float]]:
-        embs = [unpack_embedding(blob, self.engine.sam_model_id) for blob, _ in items]
-        masks, ms = await run_model(self.engine.text_masks, embs, [t.strip() for _, t in items])
+        # the same (image, text) asked twice in one batch (concurrent requests) runs once
+        keys = [(embedding_header(blob).get("image_id") or str(i), t.strip())
+                for i, (blob, t) in enumerate(items)]
+        unique = {k: blob for k, (blob, _) in zip(keys, items, strict=True)}
+        embs = [unpack_embedding(blob, self.engine.sam_model_id) for blob in unique.values()]
+        masks, ms = await run_model(self.engine.text_masks, embs, [t for _, t in unique])
         self.counts["batches"] += 1
-        self.counts["pairs"] += len(items)
-        metrics()["text_pairs"].inc(len(items))
-        metrics()["batch"].observe(len(items), tags={"role": "TextMask"})
-        return [(m, ms / len(items)) for m in masks]
+        self.counts["pairs"] += len(unique)
+        metrics()["text_pairs"].inc(len(unique))
+        metrics()["batch"].observe(len(unique), tags={"role": "TextMask"})
+        by_key = dict(zip(unique, masks, strict=True))
+        return [(by_key[k], ms / len(unique)) for k in keys]

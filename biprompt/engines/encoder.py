@@ -46,10 +46,11 @@ class ImageEncoderEngine:
         """Reads SAM's image-encoder weights and the text model's config; nothing else."""
         p = ModelProfile.load(profile)
         src = open_sam(p.sam.checkpoint, p.sam.variant, p.sam.seed)
-        options.setdefault("fast_encoder", p.sam.fast_encoder)
-        return cls(load_sam_part(src, "image_encoder"), src.spec, src.model_id,
-                   text=text_model_info(p.text, src.spec), device=p.device, dtype=p.dtype,
-                   **options)
+        options = {"fast_encoder": p.sam.fast_encoder, "device": p.device, "dtype": p.dtype,
+                   **options}
+        dtype = Placement(options["device"], options["dtype"]).dtype
+        return cls(load_sam_part(src, "image_encoder", dtype), src.spec, src.model_id,
+                   text=text_model_info(p.text, src.spec), **options)
 
     @property
     def device(self) -> torch.device:

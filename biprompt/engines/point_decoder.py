@@ -44,7 +44,8 @@ class PointDecoderEngine:
         p = ModelProfile.load(profile)
         src = open_sam(p.sam.checkpoint, p.sam.variant, p.sam.seed)
         options = {"device": p.device, "dtype": p.dtype, **options}
-        return cls(load_sam_part(src, "prompt_encoder"), load_sam_part(src, "mask_decoder"),
+        dtype = Placement(options["device"], options["dtype"]).dtype
+        return cls(load_sam_part(src, "prompt_encoder"), load_sam_part(src, "mask_decoder", dtype),
                    src.spec, src.model_id, **options)
 
     def weights(self) -> dict[str, int]:

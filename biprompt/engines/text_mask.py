@@ -63,9 +63,10 @@ class TextMaskEngine:
         if p.text is None:
             raise ModelConfigError(f"profile {p.name!r} has no text_model")
         sam = sam or open_sam(p.sam.checkpoint, p.sam.variant, p.sam.seed)
-        text = load_text(p.text, sam.spec)
-        check_pairing(sam.spec, sam.probe(), text)
         options = {"device": p.device, "dtype": p.dtype, **options}
+        place = Placement(options["device"], options["dtype"])
+        text = load_text(p.text, sam.spec, place.dtype)
+        check_pairing(sam.spec, sam.probe(), text)
         return cls(text, sam.spec, sam.model_id, **options)
 
     def weights(self) -> dict[str, int]:

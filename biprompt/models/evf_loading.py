@@ -48,7 +48,7 @@ class LoadedEvf:
     encoder_probe: torch.Tensor  # EVF's own patch-embedding weights, to compare with the SAM used
 
 
-def load_evf(directory: str | Path) -> LoadedEvf:
+def load_evf(directory: str | Path, dtype: torch.dtype | None = None) -> LoadedEvf:
     """Check every key's shape against the full EVF-SAM layout, then read all but the image
     encoder (the pipeline's SAM embedding replaces it): its weights are never read, except the
     patch embedding kept as a probe."""
@@ -62,7 +62,7 @@ def load_evf(directory: str | Path) -> LoadedEvf:
     kept = state.without(ENCODER_PREFIX)
     model = materialize(
         lambda: EvfSam(config, with_image_encoder=False), kept,
-        f"EVF-SAM checkpoint {directory}", fix_buffers=fix_sam_buffers,
+        f"EVF-SAM checkpoint {directory}", fix_buffers=fix_sam_buffers, dtype=dtype,
     )
     return LoadedEvf(model, config, probe)
 

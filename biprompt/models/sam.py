@@ -84,42 +84,58 @@ def get_sam_spec(variant: str | dict | SamSpec) -> SamSpec:
     return SAM_VARIANTS[key]
 
 
+def build_image_encoder(spec: SamSpec) -> ImageEncoderViT:
+    return ImageEncoderViT(
+        img_size=spec.img_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.encoder_dim,
+        depth=spec.encoder_depth,
+        num_heads=spec.encoder_heads,
+        mlp_ratio=4,
+        out_chans=spec.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=spec.window_size,
+        global_attn_indexes=spec.global_attn_indexes,
+    )
+
+
+def build_prompt_encoder(spec: SamSpec) -> PromptEncoder:
+    grid = spec.embedding_size
+    return PromptEncoder(
+        embed_dim=spec.prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(spec.img_size, spec.img_size),
+        mask_in_chans=spec.mask_in_chans,
+    )
+
+
+def build_mask_decoder(spec: SamSpec) -> MaskDecoder:
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=spec.decoder_depth,
+            embedding_dim=spec.prompt_dim,
+            mlp_dim=spec.decoder_mlp_dim,
+            num_heads=spec.decoder_heads,
+        ),
+        transformer_dim=spec.prompt_dim,
+        iou_head_depth=spec.iou_head_depth,
+        iou_head_hidden_dim=spec.iou_head_hidden_dim,
+    )
+
+
+SAM_PART_BUILDERS = {"image_encoder": build_image_encoder, "prompt_encoder": build_prompt_encoder,
+                     "mask_decoder": build_mask_decoder}
+
+
 def build_sam(spec: SamSpec) -> Sam:
     """A SAM model with the given shapes, randomly initialised, in eval mode."""
-    grid = spec.embedding_size
     sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=spec.img_size,
-            patch_size=spec.patch_size,
-            embed_dim=spec.encoder_dim,
-            depth=spec.encoder_depth,
-            num_heads=spec.encoder_heads,
-            mlp_ratio=4,
-            out_chans=spec.prompt_dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=spec.window_size,
-            global_attn_indexes=spec.global_attn_indexes,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=spec.prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(spec.img_size, spec.img_size),
-            mask_in_chans=spec.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=spec.decoder_depth,
-                embedding_dim=spec.prompt_dim,
-                mlp_dim=spec.decoder_mlp_dim,
-                num_heads=spec.decoder_heads,
-            ),
-            transformer_dim=spec.prompt_dim,
-            iou_head_depth=spec.iou_head_depth,
-            iou_head_hidden_dim=spec.iou_head_hidden_dim,
-        ),
+        image_encoder=build_image_encoder(spec),
+        prompt_encoder=build_prompt_encoder(spec),
+        mask_decoder=build_mask_decoder(spec),
         pixel_mean=list(SAM_PIXEL_MEAN),
         pixel_std=list(SAM_PIXEL_STD),
     )
