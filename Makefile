@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements/cpu.txt requ
 	$(PY) -c "import biprompt, torch, torchscale.model.BEiT3, segment_anything, transformers"
 	touch $(STAMP)
 
+# lint-imports checks the layers (contracts in pyproject.toml): serving > graph > deployments >
+# biprompt, and the client apart from all of them.
 test: $(STAMP)
-	$(PY) -m ruff check biprompt deployments graph.py clients tests benchmarks
+	$(PY) -m ruff check biprompt deployments graph serving clients tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m biprompt.demo
+	$(PY) -m serving.demo
 
 # Retrains the bundled ShapesRef demo model into models/demo (seeded; about 30-40 min on 2 cores).
 train-demo: $(STAMP)

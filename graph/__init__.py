@@ -25,7 +25,7 @@ from deployments.text_mask import TextMask
 
 __all__ = ["DEFAULT_OPTIONS", "DEPLOYMENTS", "REPO", "AppArgs", "app", "build_app"]
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = {"ImageEncoder": ImageEncoder, "PointDecoder": PointDecoder, "TextMask": TextMask,
                "Selector": Selector, "Ingress": Ingress}
 # Defaults for the embedded app: fits one 2-core machine. Serve configs (serve_config.yaml,

@@ -1,4 +1,5 @@
-"""The light client installs into an empty venv without torch or ray, and its CLI runs."""
+"""The light client installs into an empty venv without torch or ray, and its CLI runs; the
+subcommands that need the server side (serve, eval) say so instead of failing on an import."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-CLIENT = Path(__file__).resolve().parents[2] / "clients" / "python"
+REPO = Path(__file__).resolve().parents[2]
+CLIENT = REPO / "clients" / "python"
 
 
 def test_client_installs_alone(tmp_path):
@@ -30,3 +32,13 @@ def test_client_installs_alone(tmp_path):
     help_text = subprocess.run([env_dir / "bin" / "biprompt", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "segment" in help_text and "batch" in help_text
+
+    cli = env_dir / "bin" / "biprompt"
+    run = {"capture_output": True, "text": True, "cwd": tmp_path, "timeout": 120}
+    served = subprocess.run([cli, "serve", "--config", REPO / "configs/serve/local-cpu.yaml"],
+                            **run)
+    assert served.returncode == 2
+    assert "the server needs the full biprompt-serve install" in served.stderr
+    evaluated = subprocess.run([cli, "eval", "shapes", "--n", "1"], **run)
+    assert evaluated.returncode == 2
+    assert "`biprompt eval` needs the full biprompt-serve install" in evaluated.stderr

@@ -167,21 +167,33 @@ def test_main_missing_profile(tmp_path, capsys):
     assert "no model profile" in capsys.readouterr().err
 
 
-def test_cli_eval(capsys):
+def test_cli_eval():
+    """`biprompt eval` runs python -m biprompt.evaluate in a child: the table comes out, the exit
+    status comes back, and the CLI's own process never loads the core or torch."""
+    code = ("import sys; from biprompt_client.cli import main; rc = main(sys.argv[1:]); "
+            "assert not {'biprompt', 'torch'} & set(sys.modules); sys.exit(rc)")
+    args = ["eval", "shapes", "--n", "6", "--seed", "3", "--profile", TINY, "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "n=6 seed=3" in proc.stdout
+    for name in METHODS:
+        assert f"| {name} |" in proc.stdout
+
+
+def test_cli_eval_usage_and_exit_status(capfd):
     from biprompt_client.cli import main as cli_main
 
-    rc = cli_main(["eval", "shapes", "--n", "6", "--seed", "3", "--profile", TINY])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "n=6 seed=3" in out
-    for name in METHODS:
-        assert f"| {name} |" in out
+    assert cli_main(["eval", "--help"]) == 0
+    assert "usage: biprompt eval" in capfd.readouterr().out
+    assert cli_main(["eval", "shapes", "--n", "many"]) == 2  # argparse's status, from the child
+    assert "biprompt eval shapes: error: argument --n" in capfd.readouterr().err
 
 
 def test_cli_eval_without_server_package(monkeypatch, capsys):
     from biprompt_client.cli import main as cli_main
 
-    monkeypatch.setitem(sys.modules, "biprompt", None)  # import biprompt -> ImportError
+    monkeypatch.setitem(sys.modules, "biprompt", None)  # find_spec("biprompt") -> None
     assert cli_main(["eval", "shapes", "--n", "1"]) == 2
     assert "needs the full biprompt-serve install" in capsys.readouterr().err
 

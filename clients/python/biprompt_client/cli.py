@@ -6,6 +6,9 @@
     biprompt batch requests.jsonl --out results.jsonl
     biprompt eval shapes --n 500 --seed 12345 --json scores.json   (offline; full install only)
 
+`serve` and `eval` run the server side (python -m serving.launch, python -m biprompt.evaluate) in a
+child process of this interpreter: this package never imports it.
+
 The server URL comes from --url or BIPROMPT_URL, the key from --api-key or BIPROMPT_API_KEY.
 """
 
@@ -13,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import numpy as np
@@ -46,31 +50,44 @@ def _client(args):
     return BiPromptClient(args.url, api_key=args.api_key, timeout=args.timeout, wire=args.wire)
 
 
+def module_installed(name: str) -> bool:
+    """Whether the dotted module `name` could be imported here, found without importing any of
+    it (importing `biprompt` to look for `biprompt.evaluate` would load torch)."""
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)
+    for part in rest:
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        spec = PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    return spec is not None
+
+
+def run_foreground(cmd: Sequence[str], env: dict[str, str] | None = None) -> int:
+    """Run `cmd` and return its exit status; 130 after Ctrl-C, once the child (which had the same
+    SIGINT) has shut down."""
+    with subprocess.Popen(list(cmd), env=env) as proc:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            return 130
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 
 def cmd_serve(args) -> int:
+    """`python -m serving.launch` in a child process: the server side stays out of the client."""
     config = Path(args.config)
     if not config.is_file():
         print(f"error: no serve config at {config} (run from the repo root, or pass --config)",
               file=sys.stderr)
         return 2
-    serve = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
-    if not Path(serve).exists():
+    if not module_installed("serving.launch"):
         print("error: `serve` (Ray Serve) is not installed here: the server needs the full "
               "biprompt-serve install (make test / make demo build it)", file=sys.stderr)
         return 2
-    env = dict(os.environ)
-    try:  # the full install: Serve's throughput-optimized mode, as our launchers run it
-        from deployments.driver import apply_serve_env
-
-        apply_serve_env(env)
-    except ImportError:
-        pass
-    try:
-        return subprocess.call([serve, "run", str(config)], env=env)
-    except KeyboardInterrupt:
-        return 130
+    return run_foreground([sys.executable, "-m", "serving.launch", "--config", str(config)])
 
 
 # --- segment --------------------------------------------------------------------------------
@@ -260,14 +277,14 @@ def summary(counts: dict, stats: dict, seconds: float, n: int) -> str:
 
 
 def cmd_eval(args) -> int:
-    """Offline scoring in this process (no server): needs the server package and torch."""
-    try:
-        from biprompt import evaluate
-    except ImportError as exc:
+    """Offline scoring, no server: `python -m biprompt.evaluate` (the core, with torch) in a child
+    process."""
+    if not module_installed("biprompt.evaluate"):
         print("error: `biprompt eval` needs the full biprompt-serve install: make test / make "
-              f"demo build it ({exc})", file=sys.stderr)
+              "demo build it (no module biprompt.evaluate here)", file=sys.stderr)
         return 2
-    return evaluate.main(args.eval_args, prog="biprompt eval")
+    return run_foreground([sys.executable, "-m", "biprompt.evaluate", *args.eval_args],
+                          env={**os.environ, "BIPROMPT_PROG": "biprompt eval"})
 
 
 # --- main -----------------------------------------------------------------------------------

@@ -8,25 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
+from biprompt_client import BiPromptClient
+from biprompt_client.overlay import grid, render_overlay
 
 from biprompt.data.shapes_ref import iter_samples
 from biprompt.evaluate import METHODS, SUBSETS, format_table, method_masks, summarize
 from biprompt.metrics import Scores
 from biprompt.types import SegmentResult
+from serving.launch import start_app, stop_app
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = REPO / "configs/models/demo.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_result(seg) -> SegmentResult:
@@ -37,36 +33,7 @@ def _as_result(seg) -> SegmentResult:
                          seg.strategy, seg.agreement, "biprompt")
 
 
-def start_app(profile: Path, cache_url: str | None) -> tuple[str, float]:
-    import ray
-    from ray import serve
-
-    from deployments.driver import apply_serve_env
-    from graph import build_app
-
-    t = time.perf_counter()
-    apply_serve_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_profile": str(profile), "cache_url": cache_url}), name="demo",
-              route_prefix="/")
-    return f"http://127.0.0.1:{port}", time.perf_counter() - t
-
-
-def stop_app() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
 def run(url: str, n: int, seed: int, per_scene: int, out: Path) -> dict:
-    from biprompt_client import BiPromptClient
-    from biprompt_client.overlay import grid, render_overlay
-
     samples = [s for s, _ in zip(iter_samples(seed, samples_per_scene=per_scene), range(n),
                                   strict=False)]
     reqs = [{"image": s.image, "points": [list(s.point_index)], "text": s.expression,
