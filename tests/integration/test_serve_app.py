@@ -19,7 +19,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from biprompt.cache import embedding_key, image_id, pack_embedding, unpack_embedding
-from tests.integration.conftest import API_KEY, png_bytes, scene, stats
+from tests.integration.conftest import (
+    API_KEY,
+    assert_close_rle,
+    assert_threads_pinned,
+    png_bytes,
+    scene,
+    stats,
+)
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -63,6 +70,7 @@ def test_float32_result_equals_in_process_pipeline(strict_url, tiny_pipeline):
     res = post(f"{strict_url}/v1/segment", body, AUTH)
     assert res.status_code == 200, res.text
     res = res.json()
+    assert_threads_pinned("strict")
     expected = tiny_pipeline.segment(img, [[150.0, 100.0]], text="the red circle")
     check_against(res, expected)
     assert res["image_id"] == image_id(body["image"])
@@ -79,6 +87,7 @@ def test_float16_result_equals_pipeline_on_the_same_embedding(main_url, tiny_pip
             "text": "the blue square", "mode": mode, **FULL}
     res = post(f"{main_url}/v1/segment", body)
     assert res.status_code == 200, res.text
+    assert_threads_pinned("main")
     emb = unpack_embedding(pack_embedding(tiny_pipeline.embed(img), "float16"))
     emb.embedding = emb.embedding.float()
     expected = tiny_pipeline.segment(emb, points, labels, text="the blue square", mode=mode)
@@ -122,8 +131,10 @@ def test_concurrent_requests_for_one_new_image_make_one_encoder_call(main_url):
         results = list(pool.map(lambda _: post(f"{main_url}/v1/segment", body), range(8)))
     assert all(r.status_code == 200 for r in results), [r.text for r in results]
     assert stats("main", "ImageEncoder")["images"] - before == 1
-    masks = {r.json()["mask"]["counts"] for r in results}
-    assert len(masks) == 1
+    # one embedding, but the decoders may batch the eight prompts in any grouping
+    first = results[0].json()["mask"]
+    for r in results[1:]:
+        assert_close_rle(r.json()["mask"], first)
 
 
 def test_same_text_twice_skips_the_text_model(main_url):
@@ -142,22 +153,26 @@ def test_same_text_twice_skips_the_text_model(main_url):
     assert stats("main", "TextMask")["pairs"] == before + 1
 
 
-def test_redis_down_serves_without_cache_and_resumes(main_url, redis_srv):
+def test_redis_down_serves_without_cache_and_resumes(fault_url, fault_redis):
     data = png_bytes(scene(13))
     body = {"image": data, "points": [[50, 60]], "text": "the circle"}
-    ok = post(f"{main_url}/v1/segment", body).json()
-    redis_srv.kill()
+    ok = post(f"{fault_url}/v1/segment", body).json()
+    fault_redis.kill()
     try:
-        down = [post(f"{main_url}/v1/segment", body) for _ in range(3)]
+        down = [post(f"{fault_url}/v1/segment", body) for _ in range(3)]
         assert [r.status_code for r in down] == [200, 200, 200]
         assert all(r.json()["cache"] == "miss" for r in down)
         assert all(r.json()["mask"] == ok["mask"] for r in down)  # correctness is untouched
     finally:
-        redis_srv.start()  # the same port: the app's stores reconnect on their own
-    time.sleep(2.5)  # past the stores' cool-down
-    post(f"{main_url}/v1/segment", body)
-    again = post(f"{main_url}/v1/segment", body).json()
-    assert again["cache"] == "hit" and again["text_cache"] == "hit"
+        fault_redis.start()  # the same port: the app's stores reconnect on their own
+    # past the stores' cool-down (2 s) they write again, and the request after that hits
+    deadline, again = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        again = post(f"{fault_url}/v1/segment", body).json()
+        if again["cache"] == "hit" and again["text_cache"] == "hit":
+            break
+        time.sleep(0.2)
+    assert again["cache"] == "hit" and again["text_cache"] == "hit", again
     assert again["mask"] == ok["mask"]
 
 
@@ -215,7 +230,7 @@ def test_batch_endpoint_keeps_order_and_isolates_errors(main_url):
     assert results[2]["error"]["type"] == "invalid_prompt"
     assert results[0]["result"]["image_id"] == image_id(data)
     single = post(f"{main_url}/v1/segment", {"image": data, "points": [[45, 20]]}).json()
-    assert results[4]["result"]["mask"] == single["mask"]
+    assert_close_rle(results[4]["result"]["mask"], single["mask"])  # batched vs alone
 
 
 def test_models_and_health(main_url):
@@ -228,10 +243,13 @@ def test_models_and_health(main_url):
 
 
 def test_prometheus_exports_our_metrics(main_url, metrics_port):
-    post(f"{main_url}/v1/segment", {"image": png_bytes(scene(18)), "points": [[3, 3]],
-                                    "text": "the square"})
+    body = {"image": png_bytes(scene(18)), "points": [[3, 3]], "text": "the square"}
+    assert [post(f"{main_url}/v1/segment", body).json()["cache"] for _ in range(2)] == [
+        "miss", "hit"]
+    # exported every second or so: wait for every series asserted on below
     wanted = ["biprompt_cache_lookups", "biprompt_encoder_images", "biprompt_text_model_pairs",
-              "biprompt_batch_size", "biprompt_selection", "biprompt_selection_agreement"]
+              "biprompt_batch_size", "biprompt_selection", "biprompt_selection_agreement",
+              'outcome="hit"', "serve_deployment_processing_latency_ms"]
     deadline, text = time.monotonic() + 30, ""
     while time.monotonic() < deadline:
         try:
@@ -243,4 +261,3 @@ def test_prometheus_exports_our_metrics(main_url, metrics_port):
         time.sleep(1)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"not exported: {missing}"
-    assert 'outcome="hit"' in text and "serve_deployment_processing_latency_ms" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 import numpy as np
@@ -107,18 +107,33 @@ def test_request_id_is_echoed(strict_url):
     assert r.json()["error"]["request_id"] == "job-42.item-7" == r.headers["x-request-id"]
 
 
-def test_full_queue_is_503_with_retry_after(strict_url):
-    """The strict app's encoder runs one request and queues one: a burst of new images overflows
-    it. Rejected requests get 503 + Retry-After and our error body; the rest succeed."""
+def test_full_queue_is_503_with_retry_after(strict_url, encoder_gate):
+    """The strict app's encoder runs one request and queues one. With its gate closed, a first
+    new image holds the encoder; of two more, one waits in the queue and the other is refused at
+    once: 503 + Retry-After and our error body. The gate opened, the other two succeed."""
     bodies = [{"image": base64.b64encode(png_bytes(scene(100 + i))).decode(),
-               "points": [[5, 5]], "text": "the circle"} for i in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        rs = list(pool.map(lambda b: httpx.post(f"{strict_url}/v1/segment", json=b,
-                                                headers=AUTH, timeout=120), bodies))
-    codes = [r.status_code for r in rs]
-    assert set(codes) <= {200, 503}, codes
-    assert 503 in codes and 200 in codes, codes
-    for r in rs:
-        if r.status_code == 503:
-            assert int(r.headers["retry-after"]) >= 1
-            assert r.json()["error"]["type"] == "overloaded"
+               "points": [[5, 5]], "text": "the circle"} for i in range(3)]
+
+    def send(body):
+        return httpx.post(f"{strict_url}/v1/segment", json=body, headers=AUTH, timeout=120)
+
+    # the ingress reads the encoder's model info once: done here, so that while the gate is
+    # closed nothing but these requests waits for the encoder
+    assert httpx.get(f"{strict_url}/v1/models", headers=AUTH, timeout=60).status_code == 200
+    with ThreadPoolExecutor(3) as pool:
+        with encoder_gate.closed():
+            first = pool.submit(send, bodies[0])
+            encoder_gate.wait_until_held()
+            rest = [pool.submit(send, b) for b in bodies[1:]]
+            done, _ = wait(rest, timeout=60, return_when=FIRST_COMPLETED)
+            assert done, "neither request was refused while the encoder was held"
+            assert len(done) == 1, "both were refused: the queue holds none"
+            (refused,) = done
+        assert first.result().status_code == 200, first.result().text
+        queued = next(f for f in rest if f is not refused).result()
+        assert queued.status_code == 200, queued.text
+    r = refused.result()
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["type"] == "overloaded" and err["request_id"] == r.headers["x-request-id"]

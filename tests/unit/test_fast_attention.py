@@ -1,4 +1,9 @@
-"""Fast (augmented-QK SDPA) attention path vs the reference SAM image-encoder attention."""
+"""Fast (augmented-QK SDPA) attention path vs the reference SAM image-encoder attention.
+
+The two paths sum in other orders, so they agree up to float rounding, which depends on the CPU's
+kernels: outputs are compared within ``ATOL`` (max-abs), never bit for bit. Bit-exact checks here
+compare one path with itself (a copy, a reload, the reference forward after a round trip).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ from biprompt.models.fast_attention import (
 
 # isort: split
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
+
+# Max-abs difference allowed between the fast and the reference forward, float32. Measured on a
+# 2-core Xeon: at most 4e-6 on outputs of magnitude 4 (tiny encoders), 7e-8 on vit_b attention;
+# a wrong bias or padding moves outputs by more than 1e-2 (test_relative_bias_is_exercised).
+ATOL = 1e-4
 
 
 def _randomize_positional(module: torch.nn.Module, std: float = 0.5) -> None:
@@ -72,7 +82,7 @@ def test_tiny_encoder_matches_reference(use_abs_pos, use_rel_pos, shape):
     x = torch.randn(*shape)
     ref, fast = _ref_and_fast(enc, x)
     assert fast.shape == ref.shape == (shape[0], 32, shape[2] // 8, shape[3] // 8)
-    assert (fast - ref).abs().max().item() <= 1e-5
+    assert (fast - ref).abs().max().item() <= ATOL
 
 
 def test_relative_bias_is_exercised():
@@ -130,7 +140,7 @@ def test_vit_b_global_attention_block():
     _randomize_positional(attn, std=0.2)
     x = torch.randn(1, 64, 64, 768)
     ref, fast = _ref_and_fast(attn, x)
-    assert (fast - ref).abs().max().item() <= 1e-4
+    assert (fast - ref).abs().max().item() <= ATOL
 
 
 def test_toggle_restores_reference_and_keeps_state_dict():
@@ -149,7 +159,7 @@ def test_toggle_restores_reference_and_keeps_state_dict():
         assert all(isinstance(blk.attn, Attention) for blk in enc.blocks)
         assert list(enc.state_dict()) == list(before)
         fast = enc(x)
-        assert (fast - ref).abs().max().item() <= 1e-5
+        assert (fast - ref).abs().max().item() <= ATOL
 
         set_fast_attention(enc, enabled=False)
         assert not fast_attention_enabled(enc)
@@ -203,7 +213,7 @@ def test_vit_b_encoder_matches_reference():
     x = torch.randn(1, 3, 1024, 1024)
     ref, fast = _ref_and_fast(enc, x)
     assert fast.shape == ref.shape == (1, 256, 64, 64)
-    assert (fast - ref).abs().max().item() <= 1e-4
+    assert (fast - ref).abs().max().item() <= ATOL
 
 
 @pytest.mark.parametrize("budget", [10**9, 40_000, 300, 7])
@@ -219,7 +229,7 @@ def test_every_bias_blocking_matches_reference(monkeypatch, budget):
     enc = _tiny_encoder(use_abs_pos=False)
     x = torch.randn(2, 3, 136, 120)  # 17x15 tokens: padded windows, uneven blocks
     ref, fast = _ref_and_fast(enc, x)
-    assert (fast - ref).abs().max().item() <= 1e-5
+    assert (fast - ref).abs().max().item() <= ATOL
 
 
 def test_pipeline_uses_the_fast_path_by_default_and_can_switch_back():
@@ -229,14 +239,14 @@ def test_pipeline_uses_the_fast_path_by_default_and_can_switch_back():
 
     spec = get_sam_spec("tiny")
     torch.manual_seed(0)
-    fast = BiPromptPipeline(LoadedSam(build_sam(spec), spec, "t"))
-    assert fast.fast_encoder and fast_attention_enabled(fast.sam.image_encoder)
+    fast = BiPromptPipeline.from_models(LoadedSam(build_sam(spec), spec, "t"))
+    assert fast.fast_encoder and fast_attention_enabled(fast.encoder.encoder)
     torch.manual_seed(0)
-    ref = BiPromptPipeline(LoadedSam(build_sam(spec), spec, "t"), fast_encoder=False)
-    assert not ref.fast_encoder and not fast_attention_enabled(ref.sam.image_encoder)
+    ref = BiPromptPipeline.from_models(LoadedSam(build_sam(spec), spec, "t"), fast_encoder=False)
+    assert not ref.fast_encoder and not fast_attention_enabled(ref.encoder.encoder)
     img = (torch.rand(90, 70, 3) * 255).to(torch.uint8).numpy()
     diff = (fast.embed(img).embedding - ref.embed(img).embedding).abs().max().item()
-    assert diff <= 1e-5  # the same model up to float rounding
+    assert diff <= ATOL  # the same model up to float rounding
     profile = {"sam": {"variant": "tiny", "fast_encoder": False}}
     assert not BiPromptPipeline.from_profile(profile).fast_encoder
     assert BiPromptPipeline.from_profile({"sam": {"variant": "tiny"}}).fast_encoder
@@ -250,4 +260,4 @@ def test_encoder_without_qkv_bias_matches_reference():
                           global_attn_indexes=(1,))
     _randomize_positional(enc)
     ref, fast = _ref_and_fast(enc.eval(), torch.randn(1, 3, 128, 128))  # 16x16 tokens, pad 4
-    assert (fast - ref).abs().max().item() <= 1e-5
+    assert (fast - ref).abs().max().item() <= ATOL

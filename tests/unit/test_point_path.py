@@ -20,7 +20,7 @@ def sam_and_pipe():
     sam = build_sam(spec)
     # The reference encoder forward: this module checks SamPredictor's arithmetic bit for bit
     # (the fast path's own parity is tests/unit/test_fast_attention.py).
-    pipe = BiPromptPipeline(LoadedSam(sam, spec, "sam-tiny:test"), fast_encoder=False)
+    pipe = BiPromptPipeline.from_models(LoadedSam(sam, spec, "sam-tiny:test"), fast_encoder=False)
     return sam, pipe
 
 

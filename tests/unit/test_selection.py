@@ -4,6 +4,12 @@ import numpy as np
 import pytest
 
 from biprompt.selection import mask_ious, select
+from tests.support.parity import assert_masks_close, assert_same_choice, iou_drift
+
+# A prompt decoded in a batch runs on other tensor shapes than alone: the same arithmetic, other
+# rounding (the CPU's kernels decide). Its masks may then differ where a logit rounds across 0: at
+# most this share of their pixels (measured on a 2-core Xeon: none).
+MAX_FLIPPED = 1e-3
 
 
 def masks_from_boxes(boxes, shape=(20, 20)):
@@ -61,9 +67,10 @@ def test_no_text_and_modes():
 
 
 def test_multi_instance_prompts_on_one_image(tiny_pipeline, rgb_image):
-    """One encoder pass for many instances; each result is what a single prompt gives."""
+    """One encoder pass for many instances; each result is what a single prompt gives, up to
+    the rounding of a batched decoder call (MAX_FLIPPED pixels, IoUs moved only by those)."""
     calls = []
-    hook = tiny_pipeline.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    hook = tiny_pipeline.encoder.encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
         emb = tiny_pipeline.embed(rgb_image)
         prompts = [dict(points=[[30 + 60 * i, 40 + 30 * i]], text=t)
@@ -72,8 +79,14 @@ def test_multi_instance_prompts_on_one_image(tiny_pipeline, rgb_image):
     finally:
         hook.remove()
     assert len(calls) == 1
-    for p, r in zip(prompts, batch, strict=False):
+    for p, r in zip(prompts, batch, strict=True):
         single = tiny_pipeline.segment(emb, p["points"], text=p["text"])
-        np.testing.assert_array_equal(r.text_mask, single.text_mask)
         np.testing.assert_allclose(r.candidate_scores, single.candidate_scores, atol=1e-5)
-        assert r.selected == single.selected and r.strategy == single.strategy
+        text_flips = assert_masks_close(r.text_mask, single.text_mask, MAX_FLIPPED)
+        drift = np.array([
+            iou_drift(assert_masks_close(ours, alone, MAX_FLIPPED) + text_flips,
+                      np.logical_or(alone, single.text_mask).sum())
+            for ours, alone in zip(r.candidates, single.candidates, strict=True)])
+        assert (np.abs(r.text_ious - single.text_ious) <= drift + 1e-12).all()
+        assert_same_choice(r.selected, single.text_ious, drift)
+        assert r.strategy == single.strategy  # agreements ~0.35, the profile's threshold 0.1
