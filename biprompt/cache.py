@@ -254,7 +254,8 @@ class RedisStore:
     shared = True
 
     def __init__(self, url: str, ttl_s: float | None = CACHE_TTL_S,
-                 timeout_s: float = CACHE_TIMEOUT_S, cooldown_s: float = REDIS_COOLDOWN_S, observer: Observer | None = None):
+                 timeout_s: float = CACHE_TIMEOUT_S, cooldown_s: float = REDIS_COOLDOWN_S,
+                 observer: Observer | None = None):
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -296,7 +297,16 @@ class RedisStore:
             raise
         except Exception as exc:  # noqa: BLE001 - the cache must never fail a request
             self._failed(op, exc)
+            await self._drop_connections()
             return None
+
+    async def _drop_connections(self) -> None:
+        """After a failure every pooled connection may be dead (Redis restarted): drop them
+        all, so the first requests after the cool-down don't each fail once on a stale one."""
+        try:
+            await self._client.connection_pool.disconnect()
+        except Exception:  # noqa: BLE001 - closing dead sockets may itself fail
+            log.debug("closing the redis pool failed", exc_info=True)
 
     async def get(self, key: str) -> bytes | None:
         return await self._call("GET", lambda: self._client.get(key))

@@ -300,6 +300,28 @@ async def test_redis_down_is_a_fast_miss_and_caching_resumes(redis_server, clock
 
 
 @sync
+async def test_redis_restart_leaves_no_stale_pooled_connections(redis_server, clock):
+    """Connections pooled before a restart are dead after it: the first failure drops them all,
+    so concurrent requests after the cool-down all reach the new server."""
+    events, observer = recorder()
+    store = RedisStore(redis_server.url, cooldown_s=1.0, observer=observer)
+    await store.set("k", b"v")
+    assert await asyncio.gather(*[store.get("k") for _ in range(8)]) == [b"v"] * 8  # 8 in the pool
+    redis_server.kill()
+    revived = RedisServer(port=redis_server.port).start()
+    try:
+        revived.client().set("k", b"w")
+        assert await store.get("k") is None and events[-1] == ("redis", "error")  # one stale
+        clock.now += 1.1
+        events.clear()
+        assert await asyncio.gather(*[store.get("k") for _ in range(8)]) == [b"w"] * 8
+        assert events == []
+    finally:
+        await store._client.aclose()
+        revived.kill()
+
+
+@sync
 async def test_redis_nothing_listening():
     events, observer = recorder()
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", observer=observer)
