@@ -3,11 +3,13 @@
 A serving replica runs one role, so it must read only that role's weights: `open_state` returns a
 `LazyState`, whose keys and shapes are known up front and whose tensors are read on first use.
 `.pth`/`.bin` files are memory-mapped (`torch.load(mmap=True)`: a tensor's pages are read only
-when touched); `.safetensors` files are read through `safe_open`, one tensor at a time.
+when touched, and weights kept in their stored dtype stay those pages); `.safetensors` files are
+read one tensor at a time.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -70,15 +72,44 @@ class LazyState(Mapping[str, torch.Tensor]):
         return cls(shapes, lambda k: owner[k][k])
 
 
-def _open_safetensors(path: Path) -> LazyState:
-    from safetensors import safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def _open_safetensors(path: Path) -> LazyState:
+    """NOTE: safetensors' own `safe_open` memory-maps the file, and every page it reads then
+    counts toward the process's RSS until the handle closes: a replica's peak would hold the whole
+    file beside the weights converted from it. So the header is parsed here (the format is an
+    8-byte little-endian length, a JSON header, then raw little-endian data) and each tensor is
+    read with a plain read into its own buffer."""
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        entries = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                   for k, v in header.items()}
     except Exception as exc:
         raise CheckpointError(f"could not read checkpoint {path}: {exc}") from None
-    return LazyState(shapes, handle.get_tensor)
+    base = 8 + n
+
+    def fetch(key: str) -> torch.Tensor:
+        dtype, shape, (start, end) = entries[key]
+        out = torch.empty(shape, dtype=dtype)
+        raw = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if raw is None or raw.nbytes != end - start:
+            if out.numel() == 0 and end == start:
+                return out
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes, its shape "
+                                  f"{list(shape)} needs {raw.nbytes if raw is not None else 0}")
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(memoryview(raw)) != raw.nbytes:
+                raise CheckpointError(f"{path} is truncated (tensor {key!r})")
+        return out
+
+    return LazyState({k: e[1] for k, e in entries.items()}, fetch)
 
 
 def _open_torch(path: Path) -> LazyState:
