@@ -5,13 +5,15 @@
 Under `root` this writes a segment-anything `.pth` (`sam_vit_b_random.pth`), an EVF-SAM Hugging
 Face directory (`evf_base_random/`: BEiT-3 base, vocabulary 64010, and a sentencepiece tokenizer
 trained on ShapesRef-like expressions) whose SAM image encoder is the `.pth`'s own, as EVF-SAM's
-frozen encoder is the official SAM's, and a model profile naming both (`vitb.yaml`). The
-benchmarks then load them through the project's normal loading code. A JSON stamp records what was
-written; a later call with the same arguments reuses the files.
+frozen encoder is the official SAM's, and a model profile naming both (`vitb.yaml`). The SAM
+`.pth` is float32, as SAM's release is; the EVF-SAM directory is float16, as EVF-SAM's release is
+(`"torch_dtype": "float16"`). The benchmarks then load them through the project's normal loading
+code. A JSON stamp records what was written; a later call with the same arguments reuses the files.
 
 The weights are random: timings only, the masks mean nothing. SAM zero-initialises its absolute and
 relative position parameters; they are drawn from N(0, 0.1^2) here, so the attention's relative
-position bias does real work.
+position bias does real work. SAM's image-encoder weights are then rounded to the float16 grid
+(still stored as float32), so the EVF-SAM directory's float16 copy is the same encoder, bit for bit.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from biprompt.models.sam import SAM_SCALES, SAM_VARIANTS, SamSpec, build_sam, ge
 from biprompt.text import TextTokenizer
 
 # Bump when anything written changes: a stamp of another version is never reused.
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: the EVF-SAM directory in float16
 POSITION_STD = 0.1
 TOKENIZER_PIECES = 64  # sentencepiece pieces; BEiT-3's embedding table keeps its own size
 AGREEMENT_THRESHOLD = 0.1
+EVF_DTYPE = torch.float16  # the official EVF-SAM release's storage dtype
 
 _COLOURS = ("red", "green", "blue", "yellow")
 _SHAPES = ("circle", "square", "triangle")
@@ -62,6 +65,15 @@ def randomize_positions(sam: torch.nn.Module, std: float = POSITION_STD) -> None
                 p.normal_(0.0, std)
 
 
+def round_encoder_to(sam: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round SAM's image-encoder tensors to `dtype`'s grid, in place; their own dtype stays. A copy
+    stored in `dtype` then holds exactly the same values."""
+    with torch.no_grad():
+        for t in sam.image_encoder.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+
+
 def _sam_scale(spec: SamSpec) -> str:
     """EVF-SAM's name for an official SAM ("base" for vit_b), else "custom"."""
     return next((scale for scale, v in SAM_SCALES.items() if SAM_VARIANTS[v] == spec), "custom")
@@ -69,6 +81,10 @@ def _sam_scale(spec: SamSpec) -> str:
 
 def _beit3_scale(spec: Beit3Spec) -> str:
     return next((scale for scale, b in BEIT3_SCALES.items() if b == spec), "custom")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _mb(path: Path) -> float:
@@ -100,6 +116,7 @@ def _write_models(sam_path: Path, evf_dir: Path, sam_spec: SamSpec, beit3: Beit3
     torch.manual_seed(seed)
     sam = build_sam(sam_spec)
     randomize_positions(sam)
+    round_encoder_to(sam, EVF_DTYPE)
     torch.save(sam.state_dict(), sam_path)
 
     with tempfile.TemporaryDirectory(prefix="biprompt-bench-tok-") as tmp:
@@ -108,12 +125,12 @@ def _write_models(sam_path: Path, evf_dir: Path, sam_spec: SamSpec, beit3: Beit3
             beit3 = Beit3Spec(**{**beit3.to_dict(), "vocab_size": tok.vocab_size})
         config = EvfConfig(hidden_size=beit3.embed_dim, out_dim=sam_spec.prompt_dim,
                            mm_extractor_scale=_beit3_scale(beit3), sam_scale=_sam_scale(sam_spec),
-                           torch_dtype="float32", sam_spec=sam_spec, beit3_spec=beit3)
+                           torch_dtype=_dtype_name(EVF_DTYPE), sam_spec=sam_spec, beit3_spec=beit3)
         torch.manual_seed(seed + 1)
         evf = EvfSam(config, with_image_encoder=True).eval()
         # NOTE: EVF-SAM's image encoder is the frozen official SAM's: the two files share it.
         evf.visual_model.image_encoder.load_state_dict(sam.image_encoder.state_dict())
-        save_evf(evf, evf_dir, tokenizer=tok.tokenizer)
+        save_evf(evf, evf_dir, tokenizer=tok.tokenizer, dtype=EVF_DTYPE)
 
 
 def write_vitb_checkpoints(
@@ -146,6 +163,7 @@ def write_vitb_checkpoints(
         "beit3_spec": beit3.to_dict(),
         "position_std": POSITION_STD,
         "tokenizer_pieces": TOKENIZER_PIECES,
+        "evf_dtype": _dtype_name(EVF_DTYPE),
     }
     written = [sam_path, evf_dir / "config.json", evf_dir / "model.safetensors",
                evf_dir / "sentencepiece.bpe.model"]

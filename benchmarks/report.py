@@ -8,7 +8,14 @@ TARGETS = {
     "overhead_ms": 15.0,
     "encoder_vs_limit": 1.5,
     "many_passes": 20,
+    "pointdecoder_vs_whole": 0.35,
 }
+# Peak RSS (VmHWM) in MB measured before replicas loaded only their own role's weights, at vit_b
+# scale, on this machine: every model replica then loaded the whole pipeline and freed the rest.
+MEMORY_BASELINE_SCALE = "vit_b"
+MEMORY_BASELINE_MB = {"whole pipeline": 1632, "ImageEncoder": 1720, "PointDecoder": 1720,
+                      "TextMask": 1720, "Selector": 326, "Ingress": 339}
+MEMORY_ORDER = ("ImageEncoder", "PointDecoder", "TextMask", "Selector", "Ingress")
 
 SCENARIOS = [
     ("cold", "cold request (new image)"),
@@ -129,6 +136,8 @@ def render(r: dict) -> str:
     ]
     for scale, title in SCALES.items():
         lines += _served_section(r["served"][scale], title)
+    if r.get("memory"):
+        lines += memory_section(r["memory"])
     lines += _cost_section(r)
     return "\n".join(lines) + "\n"
 
@@ -237,3 +246,137 @@ def _cost_section(r: dict) -> list[str]:
         f"{vitb['warm']['latency_ms']['median']:,.0f} ms.",
         "",
     ]
+
+
+def _weights_text(weights: dict | None) -> str:
+    if weights is None:
+        return "not reported"
+    held = {k: v for k, v in weights.items() if v}
+    if not held:
+        return "none"
+    parts = ", ".join(f"{k} {_size_mb(v)}" for k, v in held.items())
+    return f"{parts} ({_size_mb(sum(held.values()))} in all)"
+
+
+def _size_mb(n_bytes: float) -> str:
+    mb = n_bytes / 2**20
+    if mb >= 10:
+        return f"{mb:,.0f}"
+    return f"{mb:.2f}" if mb >= 0.01 else "<0.01"
+
+
+def _holds(row: dict, part: str) -> bool:
+    return bool((row.get("weights") or {}).get(part))
+
+
+def memory_targets(mem: dict) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, goal, met) for the memory section, judged from the numbers; a target
+    whose evidence is missing (a replica that reported no weights) is not met."""
+    rows = mem["replicas"]
+    by_dep = {d: [x for x in rows if x["deployment"] == d] for d in MEMORY_ORDER}
+    whole = mem["whole_pipeline"]["vmhwm_mb"]
+    out = []
+
+    decoders = [x["vmhwm_mb"] for x in by_dep["PointDecoder"] if x.get("vmhwm_mb") is not None]
+    if decoders and whole:
+        ratio = max(decoders) / whole
+        measured = f"{ratio:.3f}x ({max(decoders):,.0f} / {whole:,.0f} MB)"
+        ok = ratio <= TARGETS["pointdecoder_vs_whole"]
+    else:
+        measured, ok = "not measured", False
+    out.append(("PointDecoder replica peak RSS / the whole pipeline's", measured,
+                f"<= {TARGETS['pointdecoder_vs_whole']}x", ok))
+
+    # NOTE: EVF-SAM's checkpoint has its own copy of SAM's image encoder: either copy counts.
+    for dep, parts, label in (("TextMask", ("sam.image_encoder", "evf.image_encoder"),
+                               "SAM's image encoder"),
+                              ("ImageEncoder", ("evf.beit3",), "BEiT-3")):
+        reps = by_dep[dep]
+        reported = bool(reps) and all(x.get("weights") is not None for x in reps)
+        held = sorted({p for x in reps for p in parts if _holds(x, p)})
+        if not reported:
+            measured = "no weights report" if reps else "no replica found"
+        elif held:
+            measured = ", ".join(
+                f"holds {p} ({_size_mb(max((x['weights'].get(p) or 0) for x in reps))} MB)"
+                for p in held)
+        else:
+            measured = "holds " + (", ".join(sorted({k for x in reps for k, v in
+                                                     x["weights"].items() if v})) or "nothing")
+        out.append((f"{dep} replica holds {label}", measured, "never", reported and not held))
+
+    light = by_dep["Selector"] + by_dep["Ingress"]
+    reported = bool(by_dep["Selector"]) and bool(by_dep["Ingress"]) and all(
+        x.get("weights") is not None for x in light)
+    measured = "; ".join(f"{x['deployment']}: {_weights_text(x.get('weights'))}" for x in light)
+    ok = reported and not any(v for x in light for v in x["weights"].values())
+    out.append(("Selector and Ingress hold model weights", measured or "no replica found",
+                "none", ok))
+    return out
+
+
+def memory_section(mem: dict) -> list[str]:
+    """'Per-replica memory (vit_b scale)': every replica after one cold request, the whole
+    pipeline in one process, the baseline, and the targets."""
+    rows = sorted(mem["replicas"], key=lambda x: (MEMORY_ORDER.index(x["deployment"])
+                                                 if x["deployment"] in MEMORY_ORDER else 99,
+                                                 x["pid"]))
+    whole = mem["whole_pipeline"]
+    cuda = any(x.get("cuda_max_allocated_mb") is not None for x in [*rows, whole])
+    head = ("| process | pid | peak RSS MB | steady RSS MB | of which anon / file | ready s | "
+            "weights held (MB) |")
+    rule = "|---|---:|---:|---:|---:|---:|---|"
+    if cuda:
+        head, rule = head + " CUDA max allocated MB |", rule + "---:|"
+    scale = mem.get("scale", MEMORY_BASELINE_SCALE)
+    baseline = scale == MEMORY_BASELINE_SCALE  # measured at that scale only
+    if baseline:
+        head, rule = head + " peak RSS MB before |", rule + "---:|"
+
+    def line(name: str, x: dict, key: str) -> str:
+        split = (f"{_f(x.get('rssanon_mb'), 0)} / {_f(x.get('rssfile_mb'), 0)}"
+                 if x.get("rssanon_mb") is not None else "-")
+        cells = [name, str(x.get("pid", "-")), _f(x.get("vmhwm_mb"), 0), _f(x.get("vmrss_mb"), 0),
+                 split, _f(x.get("ready_s")), _weights_text(x.get("weights"))]
+        if cuda:
+            cells.append(_f(x.get("cuda_max_allocated_mb"), 0))
+        if baseline:
+            cells.append(_f(MEMORY_BASELINE_MB.get(key)))
+        return "| " + " | ".join(cells) + " |"
+
+    from_proc = sorted({x["deployment"] for x in rows if x["source"] != "stats"})
+    how = "its own `stats()`" if not from_proc else (
+        "its own `stats()`, except " + ", ".join(from_proc) + ": /proc/<pid>/status read from "
+        "the driver (that deployment's `stats()` did not report its process)")
+    lines = [
+        f"## Per-replica memory ({scale} scale)",
+        "",
+        f"One cold request (a new {mem['image_size'][1]}x{mem['image_size'][0]} image, one point "
+        f"and one text) went through every role of the served app (up in "
+        f"{mem['startup_s']:.1f} s; the request took {mem['request_ms']:,.0f} ms); then every "
+        "replica was read: peak RSS (VmHWM), steady RSS (VmRSS), seconds from its process start "
+        f"to the end of its constructor, and the parameters it reports holding, read through "
+        f"{how}. The whole pipeline ran in one fresh process: `BiPromptPipeline.from_config`, "
+        f"one image embedded, one point + text segmented ({whole['request_ms']:,.0f} ms), then "
+        "its own /proc/self/status; its ready s is process start to the pipeline loaded. Steady "
+        "RSS splits into anonymous memory and file-backed pages (RssAnon / RssFile: a "
+        "memory-mapped checkpoint's pages count there once touched)."
+        + (" The last column is the peak RSS measured before each replica loaded only its own "
+           "role's weights (every model replica then loaded the whole pipeline and freed the "
+           "rest)." if baseline else ""),
+        "",
+        head,
+        rule,
+        *[line(x["deployment"], x, x["deployment"]) for x in rows],
+        line("whole pipeline (one process)", whole, "whole pipeline"),
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|:-:|",
+        *[f"| {t} | {m} | {g} | {'yes' if ok else '**no**'} |"
+          for t, m, g, ok in memory_targets(mem)],
+        "",
+        "Weights held are what each replica reports after the request; its peak RSS shows what "
+        "it had in memory at any time.",
+        "",
+    ]
+    return lines

@@ -5,9 +5,11 @@
 
 Order: machine facts; the vit_b encoder (reference, fast path, matmul-bound limit); the naive
 pipeline at both scales; then one local Ray cluster serving the demo model and then the vit_b-shaped
-random model, with the same scenarios. Everything is measured in this run; ratios are of numbers
-measured here. Served scenes come from a fresh seed each run (recorded), so "cold" is cold even
-with a Redis cache that outlived an earlier run.
+random model, with the same scenarios; last, what each replica of a fresh vit_b-shaped app holds
+in memory after one cold request, next to one process holding the whole pipeline (the same in
+both modes: one request). Everything is measured in this run; ratios are of numbers measured
+here. Served scenes come from a fresh seed each run (recorded), so "cold" is cold even with a
+Redis cache that outlived an earlier run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from benchmarks import encoder as encoder_bench
 from benchmarks import machine
+from benchmarks import memory as memory_bench
 from benchmarks.checkpoints import write_vitb_checkpoints
 from benchmarks.naive import STAGES, NaiveBiPrompt
 from benchmarks.report import render
@@ -145,6 +148,8 @@ def main(argv=None) -> dict:
     step(f"served scenarios (cache: {results['cache']})")
     plans = {"demo": (DEMO_PROFILE, cfg["demo"]), "vitb": (ckpt["profile"], cfg["vitb"])}
     results["served"] = serve_all(plans, cache_url, seed)
+    step("per-replica memory, vit_b scale")
+    results["memory"] = memory_bench.run(ckpt["profile"], seed)
     results["seconds"] = time.perf_counter() - t0
     step("writing the report")
 
