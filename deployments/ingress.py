@@ -200,7 +200,9 @@ class Ingress:
         spec = {"mode": prompt.mode, "mask_format": req.mask_format,
                 "return_candidates": req.return_candidates,
                 "return_text_mask": req.return_text_mask}
-        out = await self.selector.remote(points, text, spec)
+        # experts go as keyword arguments (Serve resolves those DeploymentResponses too): a new
+        # expert is one more keyword, the Selector's signature stays
+        out = await self.selector.remote(points, spec, text=text)
         if cache_state == "miss":
             header = embedding_header(await emb)
             timings["encoder"] = header.get("encode_ms", 0.0)

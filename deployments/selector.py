@@ -30,7 +30,7 @@ def encode_mask(mask: np.ndarray, fmt: str):
 
 def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> np.ndarray | None:
     """An expert's reply ({"mask": packed bits, "<name>_ms": ...}) or a cached mask."""
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # an expert deployment's reply
         timings[f"{name}_model"] = value.get(f"{name}_ms", 0.0)
         return unpack_bits(value["mask"])
     return value
@@ -45,10 +45,13 @@ class Selector:
     def stats(self) -> dict:
         return replica_stats(self.clock)
 
-    async def __call__(self, points: dict | None, text: dict | np.ndarray | None, spec: dict) -> dict:
+    async def __call__(self, points: dict | None, spec: dict,
+                       **experts: dict | np.ndarray | None) -> dict:
+        """points: the PointDecoder's reply (None: no point or box); spec: mode, mask format and
+        what to return; experts: each expert's reply or cached mask by name (today: text)."""
         t = time.perf_counter()
         timings: dict[str, float] = {}
-        experts = {"text": _expert_mask(text, "text", timings)}
+        experts = {name: _expert_mask(v, name, timings) for name, v in experts.items()}
         cands = None
         if points is not None:
             timings["point_decoder"] = points["decoder_ms"]

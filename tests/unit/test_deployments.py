@@ -296,15 +296,16 @@ def test_selector_picks_what_the_text_agrees_with():
 
     sel = Selector(ARGS)
     text = {"mask": pack_bits(square(40, 60, 30, 20, 6)), "text_ms": 2.0}
-    out = run(sel(decoded(), text, spec()))
+    out = run(sel(decoded(), spec(), text=text))
     assert out["selected"] == 1 and out["strategy"] == "biprompt" and out["agreement"] == 1.0
     assert [c["text_iou"] for c in out["candidates"]][1] == 1.0
     assert out["timings_ms"]["text_model"] == 2.0 and out["timings_ms"]["point_decoder"] == 1.0
-    point = run(sel(decoded(), text, spec(mode="point")))
+    point = run(sel(decoded(), spec(mode="point"), text=text))
     assert point["selected"] == 0 and point["strategy"] == "point"
-    alone = run(sel(None, square(40, 60, 30, 20, 6), spec(mode="text", fmt="rle")))
+    alone = run(sel(None, spec(mode="text", fmt="rle"), text=square(40, 60, 30, 20, 6)))
     assert alone["selected"] is None and alone["strategy"] == "text" and alone["mask"]["size"] == [40, 60]
-    assert run(sel(decoded(), None, spec()))["strategy"] == "fallback_no_text"
+    assert run(sel(decoded(), spec(), text=None))["strategy"] == "fallback_no_text"
+    assert run(sel(decoded(), spec()))["strategy"] == "fallback_no_text"  # no expert asked
     assert sel.stats()["weights"] == {}
 
 
@@ -321,12 +322,13 @@ class FakeHandle:
     def __getattr__(self, name):
         return FakeHandle(self.target, name)
 
-    def remote(self, *args):
+    def remote(self, *args, **kwargs):
         fn = self.target if self.method is None else getattr(self.target, self.method)
 
         async def call():
             resolved = [await a if inspect.isawaitable(a) else a for a in args]
-            out = fn(*resolved)
+            named = {k: await v if inspect.isawaitable(v) else v for k, v in kwargs.items()}
+            out = fn(*resolved, **named)
             return await out if inspect.isawaitable(out) else out
 
         return asyncio.ensure_future(call())
