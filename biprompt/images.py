@@ -5,6 +5,8 @@ Policy (decided here, reported to callers through `ImageInfo.converted`):
   palette and CMYK PIL images are converted by PIL. These are lossless or near-lossless.
 - 16-bit, float, bool and other dtypes are rejected: their value range is not ours to guess
   (12-bit data in 16-bit containers is common). The error says how to convert.
+- EXIF orientation is applied (encoded bytes, paths and PIL images): the array, its size, and so
+  every coordinate and mask, are in the image as displayed, not as the sensor stored it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from biprompt.config import DEFAULT_MAX_PIXELS
 from biprompt.errors import InvalidImageError, PayloadTooLargeError
@@ -39,15 +41,35 @@ def _check_size(h: int, w: int, max_pixels: int) -> None:
         )
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = as stored). Unreadable EXIF counts as 1, as viewers
+    show such an image unrotated."""
+    try:
+        value = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF must not make a viewable image fail
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def displayed(img: Image.Image) -> Image.Image:
+    """`img` as viewers display it: EXIF orientation applied (the same image when there is none).
+    Pixel counts and the set of side lengths do not change, so size limits read from the header
+    hold for the result."""
+    if exif_orientation(img) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _from_pil(img: Image.Image, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
-    w, h = img.size
-    _check_size(h, w, max_pixels)
+    _check_size(img.size[1], img.size[0], max_pixels)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F") or mode.startswith("I;"):
         raise InvalidImageError(
             f"{mode} images (16/32-bit or float) are not accepted: convert to 8-bit RGB first, "
             "e.g. np.clip(img / img.max() * 255, 0, 255).astype(np.uint8)"
         )
+    img = displayed(img)
+    w, h = img.size
     converted = None if mode == "RGB" else f"{mode.lower()}->rgb"
     if mode != "RGB":
         img = img.convert("RGB")
@@ -77,7 +99,8 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> tuple[np.ndarray, ImageInfo
 
 
 def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
-    """Decode encoded image bytes (PNG, JPEG, WebP, ...) to RGB uint8."""
+    """Decode encoded image bytes (PNG, JPEG, WebP, ...) to RGB uint8, EXIF orientation applied.
+    Size limits are checked from the header, before any pixel is decoded."""
     if not data:
         raise InvalidImageError("image is empty (0 bytes)")
     try:
@@ -95,7 +118,8 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
 
 
 def to_rgb_array(image: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
-    """Coerce a path, encoded bytes, a PIL image or an array to an HxWx3 uint8 RGB array."""
+    """Coerce a path, encoded bytes, a PIL image or an array to an HxWx3 uint8 RGB array. Files,
+    bytes and PIL images come out as displayed (EXIF orientation applied); arrays as given."""
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
     if isinstance(image, Image.Image):

@@ -12,8 +12,13 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from biprompt.errors import InvalidImageError
+from biprompt.images import MIN_SIDE
+
 # Bump when any preprocessing step changes: it is part of every embedding cache key.
-PREPROCESS_VERSION = 1
+# 2: EXIF orientation applied at decode (embeddings of rotated photos cached before it are
+# in sensor orientation, under the same image id).
+PREPROCESS_VERSION = 2
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -22,6 +27,33 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 def sam_input_size(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:
     """(h, w) after resizing the longest side to img_size, as SAM rounds it."""
     return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+
+
+def max_aspect_ratio(img_size: int) -> int:
+    """The most elongated image (long side / short side) SAM's resize leaves >= 1 pixel wide:
+    the short side rounds to int(short * img_size / long + 0.5), which is 0 beyond 2 * img_size."""
+    return 2 * img_size
+
+
+def check_model_input(original_size: tuple[int, int], img_size: int) -> None:
+    """Raise InvalidImageError for an (h, w) image the models cannot take. Cheap: call it before
+    an image joins a batch, so it fails alone.
+
+    Both sides must be at least MIN_SIDE (as at decode); SAM's resized image (longest side = img_size) must keep both sides >= 1 pixel. BEiT-3's view
+    (`beit3_input`) is a square resize of the whole image, text_size pixels a side whatever the
+    aspect ratio, so it adds no limit of its own.
+    """
+    h, w = original_size
+    if min(h, w) < MIN_SIDE:
+        raise InvalidImageError(f"image is {w}x{h} pixels; both sides must be at least {MIN_SIDE}")
+    rh, rw = sam_input_size((h, w), img_size)
+    if min(rh, rw) < 1:
+        raise InvalidImageError(
+            f"image is {w}x{h} pixels: too thin for this model. SAM resizes its longest side to "
+            f"{img_size}, which leaves the short side at 0 pixels; this model accepts aspect "
+            f"ratios up to {max_aspect_ratio(img_size)}:1 (long side / short side). Pad or crop "
+            "the image first."
+        )
 
 
 def sam_resize(image: np.ndarray, img_size: int) -> torch.Tensor:

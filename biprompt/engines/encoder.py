@@ -18,7 +18,7 @@ from biprompt.factory import TextInfo, load_sam_part, open_sam, text_model_info
 from biprompt.images import to_rgb_array
 from biprompt.models.fast_attention import set_fast_attention
 from biprompt.models.sam import SamSpec
-from biprompt.preprocess import beit3_input, sam_normalize_pad, sam_resize
+from biprompt.preprocess import beit3_input, check_model_input, sam_normalize_pad, sam_resize
 from biprompt.profile import ModelProfile
 from biprompt.types import ImageEmbedding
 
@@ -67,9 +67,18 @@ class ImageEncoderEngine:
             return []
         return self.embed_rgb([to_rgb_array(im, self.max_pixels)[0] for im in images])
 
+    def check_input(self, original_size: tuple[int, int]) -> None:
+        """Raise InvalidImageError (422) for an (h, w) this model cannot take (too small, or too
+        thin for SAM's resize); cheap, so callers can sort items out before batching them."""
+        check_model_input((int(original_size[0]), int(original_size[1])), self.spec.img_size)
+
     @torch.no_grad()
     def embed_rgb(self, rgbs: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """HxWx3 uint8 arrays, already validated -> one embedding each."""
+        """HxWx3 uint8 arrays (decoded and size-checked) -> one embedding each. Every image is
+        checked (`check_input`) before any is encoded: one the model can't take raises
+        InvalidImageError, instead of failing the batch's encoder call with PIL's error."""
+        for rgb in rgbs:
+            self.check_input(rgb.shape[:2])
         size = self.spec.img_size
         resized = [sam_resize(rgb, size) for rgb in rgbs]
         batch = torch.cat([sam_normalize_pad(x, size) for x in resized])

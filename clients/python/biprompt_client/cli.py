@@ -107,9 +107,10 @@ def cmd_segment(args) -> int:
     if args.out:
         Image.fromarray(mask.astype(np.uint8) * 255).save(args.out)
     if args.overlay:
+        from .images import load_image_array
         from .overlay import render_overlay
 
-        rgb = np.asarray(Image.open(args.image).convert("RGB"))
+        rgb = load_image_array(args.image)  # as displayed, like the mask (EXIF orientation)
         render_overlay(rgb, mask, points, labels, args.text).save(args.overlay)
     if args.json:
         print(json.dumps(res.raw))
