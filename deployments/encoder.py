@@ -22,6 +22,7 @@ from deployments.common import (
     run_model,
     warm_up,
 )
+from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -34,7 +35,8 @@ class ImageEncoder:
         self.dtype = args.embedding_dtype
         self.cache = cache or make_cache(args)
         self.model_id = self.engine.model_id
-        self.counts = {"requests": 0, "images": 0, "batches": 0, "shared_cache_hits": 0}
+        self.counts = {"requests": 0, "images": 0, "batches": 0, "failed": 0,
+                       "shared_cache_hits": 0}
         warm_up(self.engine)
         self.clock.ready()
 
@@ -62,23 +64,37 @@ class ImageEncoder:
                 self.counts["shared_cache_hits"] += 1
                 return blob
         # arrays from another process arrive as read-only views
-        return await self._encode((np.array(rgb), image_id, key))
+        return unwrap(await self._encode((np.array(rgb), image_id, key)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _encode(self, items: list[tuple[np.ndarray, str, str]]) -> list[bytes]:
+    async def _encode(self, items: list[tuple[np.ndarray, str, str]]) -> list[bytes | Exception]:
+        """One encoder call for the batch's distinct images. An image that fails (in
+        preprocessing or in the model) fails alone: its slot holds its error (`isolated`)."""
         unique: dict[str, np.ndarray] = {}
         for rgb, _, key in items:
             unique.setdefault(key, rgb)
-        embs, ms = await run_model(self.engine.embed_rgb, list(unique.values()))
+        embs, ms = await run_model(isolated, self.engine.embed_rgb, list(unique.values()),
+                                   "ImageEncoder")
+        done = len(unique) - failures(embs)
         self.counts["batches"] += 1
-        self.counts["images"] += len(unique)
-        metrics()["encoder_images"].inc(len(unique))
+        self.counts["images"] += done
+        self.counts["failed"] += len(unique) - done
+        if done:
+            metrics()["encoder_images"].inc(done)
         metrics()["batch"].observe(len(unique), tags={"role": "ImageEncoder"})
-        blobs = {}
+        blobs: dict[str, bytes | Exception] = {}
         for key, emb in zip(unique, embs, strict=True):
-            emb.image_id = key.rsplit(":", 1)[1]
-            blobs[key] = pack_embedding(emb, self.dtype, encode_ms=ms / len(unique),
-                                        batch_size=len(unique))
-            if self.cache.store.shared:
+            if not isinstance(emb, Exception):
+                emb = self._pack(key, emb, ms, len(unique))
+            blobs[key] = emb
+            if self.cache.store.shared and isinstance(blobs[key], bytes):
                 await self.cache.store.set(key, blobs[key])
         return [blobs[key] for _, _, key in items]
+
+    def _pack(self, key: str, emb, ms: float, batch_size: int) -> bytes | Exception:
+        try:
+            emb.image_id = key.rsplit(":", 1)[1]
+            return pack_embedding(emb, self.dtype, encode_ms=ms / batch_size,
+                                  batch_size=batch_size)
+        except Exception as exc:  # noqa: BLE001 - this image's own error
+            return exc

@@ -16,6 +16,10 @@ import time
 from typing import Any
 
 from biprompt_client.schema import (
+    MAX_NESTING_DEPTH,
+    MAX_TEXT_CHARS,
+    MAX_WIRE_POINTS,
+    BatchEnvelope,
     BatchRequest,
     BatchResponse,
     EmbedRequest,
@@ -36,7 +40,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from biprompt.cache import Cached, embedding_header, embedding_key, pack_mask, text_mask_key
 from biprompt.cache import image_id as hash_image
-from biprompt.config import MAX_POINTS
+from biprompt.config import MAX_POINTS, MAX_TEXT_TOKENS
+from biprompt.config import MAX_TEXT_CHARS as MODEL_TEXT_CHARS
 from biprompt.errors import (
     InvalidInputError,
     NotFoundError,
@@ -44,17 +49,19 @@ from biprompt.errors import (
     UnauthorizedError,
 )
 from biprompt.images import decode_image_bytes
+from biprompt.preprocess import check_model_input
 from biprompt.prompts import make_prompt
 from deployments.common import make_cache, replica_stats, unpack_bits
 from deployments.http import (
-    ERROR_RESPONSES,
     PUBLIC_PATHS,
     api,
     as_api_error,
     body_doc,
     error_info,
     reply_media,
+    responses,
 )
+from deployments.isolation import log_retry, lost_replica
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -78,13 +85,15 @@ class Ingress:
         self.max_items = int(args.max_batch_items)
         self._info: dict | None = None
         self._inflight: dict[str, DeploymentResponse] = {}
+        self.replica_retries = 0  # requests tried again because a model replica died under them
         self._tasks: set[asyncio.Task] = set()
         self.clock.ready()
 
     # --- plumbing ---------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        return replica_stats(self.clock, inflight_encodes=len(self._inflight))
+        return replica_stats(self.clock, inflight_encodes=len(self._inflight),
+                             replica_retries=self.replica_retries)
 
     async def info(self) -> dict:
         if self._info is None:
@@ -130,11 +139,15 @@ class Ingress:
     # --- embeddings -------------------------------------------------------------------------
 
     async def _embedding(self, image: bytes | None, img_id: str | None, timings: dict):
-        """-> (embedding value or in-flight DeploymentResponse, (h, w), "hit" | "miss")."""
+        """-> (embedding value or in-flight DeploymentResponse, (h, w), "hit" | "miss").
+
+        CPU work on the image (hashing a large body, decoding) runs in a thread: the event loop
+        keeps answering other requests and /healthz meanwhile."""
         info = await self.info()
         sam_id = info["model"]["sam"]
         if image is not None and img_id is None:
-            img_id = hash_image(image)
+            big = len(image) > 2**20  # sha256 runs ~1 GB/s: below 1 MiB a thread costs more
+            img_id = await asyncio.to_thread(hash_image, image) if big else hash_image(image)
         key = embedding_key(sam_id, img_id)
         t = time.perf_counter()
         blob = await self.cache.get_embedding_blob(key, sam_id)
@@ -146,8 +159,11 @@ class Ingress:
             raise NotFoundError(f"unknown image_id {img_id}: it was never embedded here, or its "
                                 "embedding expired from the cache; send the image itself")
         t = time.perf_counter()
-        rgb, _ = decode_image_bytes(image, self.max_pixels)
+        # pixel limit checked from the header first, inside decode_image_bytes
+        rgb, _ = await asyncio.to_thread(decode_image_bytes, image, self.max_pixels)
         timings["image_decode"] = (time.perf_counter() - t) * 1000.0
+        # too thin for SAM's resize: 422 here, before it can join (and fail) an encoder batch
+        check_model_input(rgb.shape[:2], info["image_size"])
         return self._encode(rgb, img_id, key), rgb.shape[:2], "miss", img_id
 
     def _encode(self, rgb, img_id: str, key: str) -> DeploymentResponse:
@@ -167,11 +183,42 @@ class Ingress:
         except Exception:  # noqa: BLE001 - the requests waiting on it report the error
             pass
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is resp:  # not a fresh call made since (a retry's)
+                del self._inflight[key]
+
+    async def _forget_failed_encode(self, key: str) -> None:
+        """Before a retry: drop the single-flight entry of an encoder call that failed (its
+        `_settle` may not have run yet), so the retry makes a fresh call. A live entry (another
+        request's retry) is shared, as single-flight does."""
+        resp = self._inflight.get(key)
+        if resp is None:
+            return
+        try:
+            await resp
+        except Exception:  # noqa: BLE001 - it failed: forget it
+            if self._inflight.get(key) is resp:
+                del self._inflight[key]
 
     # --- segment ----------------------------------------------------------------------------
 
     async def segment_one(self, req: SegmentRequest, rid: str) -> dict:
+        """One segment request, tried again once if a model replica died under it: every step
+        is idempotent, and Serve routes the retry to a live (or the restarted) replica."""
+        try:
+            return await self._segment_once(req, rid)
+        except Exception as exc:
+            gone = lost_replica(exc)
+            if gone is None:
+                raise
+            log_retry(f"segment {rid}", gone)
+            self.replica_retries += 1
+        if req.image is not None or req.image_id is not None:
+            info = await self.info()
+            img_id = hash_image(req.image) if req.image is not None else req.image_id
+            await self._forget_failed_encode(embedding_key(info["model"]["sam"], img_id))
+        return await self._segment_once(req, rid)
+
+    async def _segment_once(self, req: SegmentRequest, rid: str) -> dict:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         info = await self.info()
@@ -236,25 +283,36 @@ class Ingress:
 
     # --- routes -----------------------------------------------------------------------------
 
-    @api.post("/v1/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES,
+    @api.post("/v1/segment", response_model=SegmentResponse,
+              responses=responses(SegmentResponse),
               openapi_extra=body_doc(SegmentRequest))
     async def segment(self, request: Request):
         """Segment one object from points (and/or a box) and a referring expression."""
         req = await self._parse(request, SegmentRequest)
         return self._reply(request, await self._guard(self.segment_one(req, request.state.request_id)))
 
-    @api.post("/v1/segment/batch", response_model=BatchResponse, responses=ERROR_RESPONSES,
+    @api.post("/v1/segment/batch", response_model=BatchResponse,
+              responses=responses(BatchResponse),
               openapi_extra=body_doc(BatchRequest))
     async def segment_batch(self, request: Request):
         """Many segment requests in one call: results (or per-item errors) in input order. Items
-        on the same image share one encoder pass."""
-        req = await self._parse(request, BatchRequest)
-        if len(req.items) > self.max_items:
-            raise PayloadTooLargeError(f"{len(req.items)} items; at most {self.max_items} per "
+        on the same image share one encoder pass; an invalid item gets its own 422."""
+        body = await self._parse(request, BatchEnvelope)
+        if len(body.items) > self.max_items:
+            raise PayloadTooLargeError(f"{len(body.items)} items; at most {self.max_items} per "
                                        "batch call")
         rid = request.state.request_id
-        results = await asyncio.gather(*[self._item(it, f"{rid}/{i}")
-                                         for i, it in enumerate(req.items)])
+
+        async def invalid(err, item_rid: str) -> dict:
+            return {"status": err.status_code, "result": None, "error": error_info(err, item_rid)}
+
+        work = []
+        for i, raw in enumerate(body.items):
+            try:
+                work.append(self._item(SegmentRequest.model_validate(raw), f"{rid}/{i}"))
+            except ValidationError as exc:
+                work.append(invalid(as_api_error(exc), f"{rid}/{i}"))
+        results = await asyncio.gather(*work)
         return self._reply(request, {"request_id": rid, "results": results})
 
     async def _item(self, req: SegmentRequest, rid: str) -> dict:
@@ -265,7 +323,7 @@ class Ingress:
             err = as_api_error(exc)
             return {"status": err.status_code, "result": None, "error": error_info(err, rid)}
 
-    @api.post("/v1/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
+    @api.post("/v1/embed", response_model=EmbedResponse, responses=responses(EmbedResponse),
               openapi_extra=body_doc(EmbedRequest))
     async def embed(self, request: Request):
         """Precompute an image's embedding; later requests can send `image_id` instead."""
@@ -281,13 +339,24 @@ class Ingress:
                                      "width": w, "height": h, "cache": state,
                                      "timings_ms": timings, "model": info["model"]})
 
-    @api.get("/v1/models", response_model=ModelInfo, responses=ERROR_RESPONSES)
+    @api.get("/v1/models", response_model=ModelInfo, responses=responses(ModelInfo))
     async def models(self, request: Request):
-        """The models this server runs, its limits and its cache."""
+        """The models this server runs, every limit it enforces and its cache."""
         self._auth(request)
         info = await self.info()
-        limits = {"max_body_bytes": self.max_body, "max_image_pixels": self.max_pixels,
-                  "max_batch_items": self.max_items, "max_points": MAX_POINTS}
+        text = self.args.profile().text if info["text_model"] else None
+        limits = {
+            "max_body_bytes": self.max_body,
+            "max_image_pixels": self.max_pixels,
+            "max_batch_items": self.max_items,
+            "max_points": min(MAX_POINTS, MAX_WIRE_POINTS),
+            # the wire refuses longer text at once (422 invalid_input); the text model's own
+            # limits, in characters and in tokens, are checked after (422 invalid_prompt)
+            "max_wire_text_chars": MAX_TEXT_CHARS,
+            "max_text_chars": min(MAX_TEXT_CHARS, text.max_chars if text else MODEL_TEXT_CHARS),
+            "max_text_tokens": text.max_tokens if text else MAX_TEXT_TOKENS,
+            "max_nesting_depth": MAX_NESTING_DEPTH,
+        }
         return self._reply(request, {**info, "limits": limits, "cache": self.cache.store.describe()})
 
     @api.get("/healthz")

@@ -20,6 +20,7 @@ from deployments.common import (
     run_model,
     warm_up,
 )
+from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -28,7 +29,7 @@ class PointDecoder:
     def __init__(self, args: AppArgs, *, engine: PointDecoderEngine | None = None):
         self.clock = ReplicaClock()
         self.engine = engine or build_engine("points", args)
-        self.counts = {"requests": 0, "prompts": 0, "batches": 0}
+        self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0}
         warm_up(self.engine)
         self.clock.ready()
 
@@ -40,28 +41,48 @@ class PointDecoder:
 
     async def __call__(self, embedding: bytes, prompt: Prompt) -> dict:
         self.counts["requests"] += 1
-        return await self._decode((embedding, prompt))
+        return unwrap(await self._decode((embedding, prompt)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _decode(self, items: list[tuple[bytes, Prompt]]) -> list[dict]:
+    async def _decode(self, items: list[tuple[bytes, Prompt]]) -> list[dict | Exception]:
         out, ms = await run_model(self._decode_sync, items)
+        done = len(items) - failures(out)
         self.counts["batches"] += 1
-        self.counts["prompts"] += len(items)
-        metrics()["decoder_prompts"].inc(len(items))
+        self.counts["prompts"] += done
+        self.counts["failed"] += len(items) - done
+        if done:
+            metrics()["decoder_prompts"].inc(done)
         metrics()["batch"].observe(len(items), tags={"role": "PointDecoder"})
         for r in out:
-            r["decoder_ms"] = ms / len(items)
+            if isinstance(r, dict):
+                r["decoder_ms"] = ms / len(items)
         return out
 
-    def _decode_sync(self, items: list[tuple[bytes, Prompt]]) -> list[dict]:
+    def _decode_sync(self, items: list[tuple[bytes, Prompt]]) -> list[dict | Exception]:
+        """One decoder call per image; an embedding that can't be read fails the prompts on it,
+        a prompt that fails the decoder fails alone (`isolated`)."""
+        out: list[dict | Exception | None] = [None] * len(items)
         by_image: dict[str, list[int]] = {}
         for i, (blob, _) in enumerate(items):
-            by_image.setdefault(embedding_header(blob).get("image_id") or str(i), []).append(i)
-        out: list[dict | None] = [None] * len(items)
+            try:
+                img = embedding_header(blob).get("image_id") or str(i)
+            except Exception as exc:  # noqa: BLE001 - this item's own error
+                out[i] = exc
+                continue
+            by_image.setdefault(img, []).append(i)
         for idx in by_image.values():
-            blob = items[idx[0]][0]
-            emb = unpack_embedding(blob, self.engine.model_id)
-            cands = self.engine.decode_points(emb, [items[i][1] for i in idx])
-            for i, c in zip(idx, cands, strict=True):
-                out[i] = {"masks": pack_bits(c.masks), "scores": c.scores}
+            try:
+                emb = unpack_embedding(items[idx[0]][0], self.engine.model_id)
+            except Exception as exc:  # noqa: BLE001 - the error of every prompt on this image
+                for i in idx:
+                    out[i] = exc
+                continue
+
+            def decode(prompts: list[Prompt], emb=emb) -> list[dict]:
+                return [{"masks": pack_bits(c.masks), "scores": c.scores}
+                        for c in self.engine.decode_points(emb, prompts)]
+
+            results = isolated(decode, [items[i][1] for i in idx], "PointDecoder")
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
         return out  # type: ignore[return-value]

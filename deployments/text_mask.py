@@ -12,6 +12,7 @@ from ray import serve
 from biprompt.cache import Cached, embedding_header, pack_mask, unpack_embedding
 from biprompt.engines import TextMaskEngine
 from biprompt.errors import InvalidPromptError
+from biprompt.types import ImageEmbedding
 from deployments.common import (
     build_engine,
     configure_replica,
@@ -22,6 +23,7 @@ from deployments.common import (
     run_model,
     warm_up,
 )
+from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -34,7 +36,7 @@ class TextMask:
             engine = build_engine("text", args)
         self.engine = engine  # None: the profile has no text model
         self.cache = cache or make_cache(args)
-        self.counts = {"requests": 0, "pairs": 0, "batches": 0}
+        self.counts = {"requests": 0, "pairs": 0, "batches": 0, "failed": 0}
         if self.engine is not None:
             warm_up(self.engine)
         self.clock.ready()
@@ -51,22 +53,40 @@ class TextMask:
             raise InvalidPromptError("this deployment has no text model: use mode 'point'")
         # checked one by one, before batching: one over-long text must not fail its batch-mates
         self.engine.validate(text)
-        mask, ms = await self._run((embedding, text))
+        mask, ms = unwrap(await self._run((embedding, text)))
         if cache_key and self.cache.store.shared:
             await self.cache.store.set(cache_key, pack_mask(mask, self.engine.model_id))
         return {"mask": pack_bits(mask), "text_ms": ms}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _run(self, items: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, float]]:
-        # the same (image, text) asked twice in one batch (concurrent requests) runs once
-        keys = [(embedding_header(blob).get("image_id") or str(i), t.strip())
-                for i, (blob, t) in enumerate(items)]
-        unique = {k: blob for k, (blob, _) in zip(keys, items, strict=True)}
-        embs = [unpack_embedding(blob, self.engine.sam_model_id) for blob in unique.values()]
-        masks, ms = await run_model(self.engine.text_masks, embs, [t for _, t in unique])
+    async def _run(self, items: list[tuple[bytes, str]]
+                   ) -> list[tuple[np.ndarray, float] | Exception]:
+        """One model call for the batch's distinct (image, text) pairs (concurrent requests may
+        ask the same twice). A pair that fails (its embedding, or the model) fails alone."""
+        keys: list[tuple[str, str]] = []
+        pairs: dict[tuple[str, str], tuple[ImageEmbedding, str]] = {}
+        failed: dict[tuple[str, str], Exception] = {}
+        for i, (blob, text) in enumerate(items):
+            key = ("", str(i))  # this item alone, if its header can't be read
+            try:
+                key = (embedding_header(blob).get("image_id") or str(i), text.strip())
+                if key not in pairs and key not in failed:
+                    pairs[key] = (unpack_embedding(blob, self.engine.sam_model_id), key[1])
+            except Exception as exc:  # noqa: BLE001 - this item's own error
+                failed[key] = exc
+            keys.append(key)
+        unique = list(pairs)
+        masks, ms = await run_model(isolated, self._masks, [pairs[k] for k in unique], "TextMask")
+        by_key: dict = {**dict(zip(unique, masks, strict=True)), **failed}
+        done = len(unique) - failures(masks)
         self.counts["batches"] += 1
-        self.counts["pairs"] += len(unique)
-        metrics()["text_pairs"].inc(len(unique))
-        metrics()["batch"].observe(len(unique), tags={"role": "TextMask"})
-        by_key = dict(zip(unique, masks, strict=True))
-        return [(by_key[k], ms / len(unique)) for k in keys]
+        self.counts["pairs"] += done
+        self.counts["failed"] += len(by_key) - done
+        if done:
+            metrics()["text_pairs"].inc(done)
+        metrics()["batch"].observe(len(by_key), tags={"role": "TextMask"})
+        per_pair = ms / max(1, len(unique))
+        return [v if isinstance(v := by_key[k], Exception) else (v, per_pair) for k in keys]
+
+    def _masks(self, pairs: list[tuple[ImageEmbedding, str]]) -> list[np.ndarray]:
+        return self.engine.text_masks([e for e, _ in pairs], [t for _, t in pairs])

@@ -1,5 +1,9 @@
 """A real redis-server of the test's own, on a free port: started, killed and restarted on the
-same port by fault tests. Never touches the machine's Redis on 6379."""
+same port by fault tests. Never touches the machine's Redis on 6379.
+
+It starts from the shipped local config (configs/redis/local.conf: maxmemory + allkeys-lru,
+nothing on disk), so the tests run against the bounds a local run has, with a smaller maxmemory.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
+
+LOCAL_CONF = Path(__file__).resolve().parents[2] / "configs" / "redis" / "local.conf"
+TEST_MAXMEMORY = "256mb"
 
 
 def free_port() -> int:
@@ -16,11 +24,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, maxmemory: str = TEST_MAXMEMORY):
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.port = port or free_port()
+        self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -29,8 +38,8 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+            [self.binary, str(LOCAL_CONF), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--maxmemory", self.maxmemory],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s

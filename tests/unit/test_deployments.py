@@ -385,3 +385,195 @@ def test_ingress_fans_out_once_per_image_and_serves_clicks_from_the_cache(replic
     assert txt.calls == [["the object"]]  # the same new (image, text) twice: one pair run
     assert (a["width"], a["height"]) == (60, 40)
     assert ing.stats()["weights"] == {} and ing.stats()["process"]["pid"] > 0
+
+
+# --- failure isolation: one bad item fails alone ----------------------------------------------
+
+
+class PoisonError(ValueError):
+    pass
+
+
+def test_encoder_image_that_breaks_its_batch_fails_alone(replica):
+    engine = FakeEncoder()
+    embed = engine.embed_rgb
+
+    def embed_or_raise(rgbs):  # as PIL's resize did for a 4000x3 image: the whole call raises
+        if any(rgb.mean() == 99 for rgb in rgbs):
+            engine.calls.append(len(rgbs))
+            raise PoisonError("height and width must be > 0")
+        return embed(rgbs)
+
+    engine.embed_rgb = embed_or_raise
+    dep = ImageEncoder(ARGS, engine=engine)
+    dep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    values, ids = (10, 99, 20, 99), ["a" * 64, "b" * 64, "c" * 64, "b" * 64]
+
+    async def go():
+        calls = [dep(image(value=v), i) for v, i in zip(values, ids, strict=True)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    ok1, bad, ok2, bad_again = run(go())
+    assert isinstance(bad, PoisonError) and bad_again is bad  # its own error, to both callers
+    assert unpack_embedding(ok1, SAM_ID).image_id == "a" * 64
+    assert unpack_embedding(ok2, SAM_ID).image_id == "c" * 64
+    assert engine.calls == [3, 1, 1, 1]  # the batch, then each of its 3 images alone
+    stats = dep.stats()
+    assert (stats["batches"], stats["images"], stats["failed"]) == (1, 2, 1)
+
+
+def test_decoder_prompt_or_embedding_that_fails_fails_alone(replica):
+    engine = FakeDecoder()
+    decode = engine.decode_points
+
+    def decode_or_raise(emb, prompts):
+        if any(int(p.points[0][0]) == 59 for p in prompts):
+            raise PoisonError("this click breaks the decoder")
+        return decode(emb, prompts)
+
+    engine.decode_points = decode_or_raise
+    dep = PointDecoder(ARGS, engine=engine)
+    dep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    a, b, c = encoded(1, "a" * 64), encoded(2, "b" * 64), encoded(3, "c" * 64)
+    corrupt = c[: len(c) // 2]  # its header reads, its embedding doesn't
+
+    async def go():
+        return await asyncio.gather(dep(a, prompt(10, 10)), dep(a, prompt(59, 10)),
+                                    dep(b, prompt(20, 20)), dep(corrupt, prompt(5, 5)),
+                                    dep(a, prompt(30, 12)), return_exceptions=True)
+
+    ok_a1, bad, ok_b, broken, ok_a2 = run(go())
+    assert isinstance(bad, PoisonError) and isinstance(broken, Exception)
+    assert not isinstance(broken, PoisonError)
+    for ok, (x, y) in ((ok_a1, (10, 10)), (ok_b, (20, 20)), (ok_a2, (30, 12))):
+        assert unpack_bits(ok["masks"])[1, y, x] and ok["decoder_ms"] >= 0
+    stats = dep.stats()
+    assert (stats["batches"], stats["prompts"], stats["failed"]) == (1, 3, 2)
+
+
+def test_text_pair_that_breaks_its_batch_fails_alone(replica):
+    engine = FakeText()
+    masks = engine.text_masks
+
+    def masks_or_raise(embs, texts):
+        if "the poison" in texts:
+            engine.calls.append(list(texts))
+            raise PoisonError("BEiT-3 choked on it")
+        return masks(embs, texts)
+
+    engine.text_masks = masks_or_raise
+    dep = TextMask(ARGS, engine=engine)
+    dep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    blob, other = encoded(1, "a" * 64), encoded(2, "b" * 64)
+
+    async def go():
+        return await asyncio.gather(dep(blob, "the object"), dep(blob, "the poison"),
+                                    dep(other, "the object"), dep(b"not an embedding", "x"),
+                                    return_exceptions=True)
+
+    ok1, bad, ok2, broken = run(go())
+    assert isinstance(bad, PoisonError) and isinstance(broken, Exception)
+    assert not isinstance(broken, PoisonError)
+    for ok in (ok1, ok2):
+        assert unpack_bits(ok["mask"])[20, 30]
+    # the unreadable item never reached the model; the batch of 3 did, then each pair alone
+    assert engine.calls == [["the object", "the poison", "the object"], ["the object"],
+                            ["the poison"], ["the object"]]
+    stats = dep.stats()
+    assert (stats["batches"], stats["pairs"], stats["failed"]) == (1, 2, 2)
+
+
+# --- a replica that dies mid-request: 503, and one retry in the Ingress -----------------------
+
+
+def test_replica_death_is_overloaded_with_retry_after():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import DeploymentUnavailableError, RayServeException
+
+    from biprompt.errors import OverloadedError
+    from deployments.http import as_api_error, error_response
+
+    # what Serve 2.60 raised in the Ingress when the ImageEncoder's replica was killed: the
+    # DeploymentResponse passed on to the PointDecoder failed while it was resolved
+    wrapped = RayTaskError("__call__", "traceback", ActorDiedError()).as_instanceof_cause()
+    upstream = RayServeException("Request to deployment 'PointDecoder' failed because an "
+                                 "upstream actor died before finishing a dependent task.")
+    upstream.__cause__ = wrapped
+    for exc in (ActorDiedError(), ActorUnavailableError("gone", None), upstream, wrapped,
+                DeploymentUnavailableError("ImageEncoder")):
+        err = as_api_error(exc)
+        assert isinstance(err, OverloadedError) and err.status_code == 503, exc
+        assert err.retry_after_s >= 1
+    resp = error_response(SimpleNamespace(state=SimpleNamespace(request_id="r"),
+                                          headers={"accept": "application/json"}),
+                          as_api_error(upstream))
+    assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 1
+    assert "ActorDiedError" in resp.body.decode()
+    assert as_api_error(RayServeException("some other failure")).status_code == 500
+
+
+class DyingHandle(FakeHandle):
+    """A handle whose first `deaths` calls fail as a killed replica's do."""
+
+    def __init__(self, target, deaths: int, method: str | None = None, log=None):
+        super().__init__(target, method)
+        self.deaths, self.log = [deaths], log if log is not None else []
+
+    def __getattr__(self, name):
+        h = DyingHandle(self.target, 0, name, self.log)
+        h.deaths = self.deaths
+        return h
+
+    def remote(self, *args, **kwargs):
+        from ray.exceptions import ActorDiedError
+
+        self.log.append(self.method)
+        if self.method is None and self.deaths[0] > 0:
+            self.deaths[0] -= 1
+
+            async def die():
+                await asyncio.sleep(0.01)
+                raise ActorDiedError()
+
+            return asyncio.ensure_future(die())
+        return super().remote(*args, **kwargs)
+
+
+def make_dying_ingress(encoder_deaths=0, text_deaths=0):
+    enc, dec, txt = FakeEncoder(), FakeDecoder(), FakeText()
+    encoder = DyingHandle(ImageEncoder(ARGS, engine=enc), encoder_deaths)
+    text = DyingHandle(TextMask(ARGS, engine=txt), text_deaths)
+    ing = ingress_class()(encoder, FakeHandle(PointDecoder(ARGS, engine=dec)), text,
+                          FakeHandle(Selector(ARGS)), ARGS)
+    return ing, encoder, text, enc
+
+
+@pytest.mark.parametrize("which", ["encoder", "text"])
+def test_ingress_retries_once_when_a_replica_dies(replica, which):
+    ing, encoder, text, enc = make_dying_ingress(**{f"{which}_deaths": 1})
+    req = SegmentRequest(image=png(), points=[[30, 20]], text="the object")
+
+    async def go():
+        # two concurrent requests share the failed encoder call; both retry, sharing a fresh one
+        return await asyncio.gather(ing.segment_one(req, "r1"), ing.segment_one(req, "r2"))
+
+    a, b = run(go())
+    assert a["strategy"] == b["strategy"] == "biprompt" and a["selected"] == 1
+    assert enc.calls == [1]  # the fresh encoder call ran once, for both retries
+    calls = encoder.log if which == "encoder" else text.log
+    assert calls.count(None) >= 2  # the failed call and the retry's
+
+
+def test_ingress_answers_503_when_the_retry_fails_too(replica):
+    from biprompt.errors import OverloadedError
+
+    ing, *_ = make_dying_ingress(encoder_deaths=2)
+    req = SegmentRequest(image=png(), points=[[30, 20]], mode="point")
+
+    async def go():
+        with pytest.raises(OverloadedError, match="replica went away"):
+            await ing._guard(ing.segment_one(req, "r1"))
+        return await ing.segment_one(req, "r2")  # the deaths are over: a fresh encoder call
+
+    assert run(go())["strategy"] == "point"
+    assert not ing._inflight

@@ -23,6 +23,9 @@ MEDIA_TYPES = (JSON, MSGPACK)
 
 MAX_TEXT_CHARS = 2048  # a hard wire limit; the text model's own (token) limit is checked later
 MAX_WIRE_POINTS = 64
+# Arrays and objects inside one another, counting the body itself. The deepest valid body (a
+# batch's item's points) has 5 levels; past this, a body is refused before it is looked at.
+MAX_NESTING_DEPTH = 32
 
 Mode = Literal["biprompt", "point", "text"]
 MaskFormat = Literal["rle", "png", "none"]
@@ -35,9 +38,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# "exactly one of image and image_id" for the schema's readers (null counts as absent, as in
+# `SegmentRequest._one_image`)
+_ONE_IMAGE = {"oneOf": [
+    {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+    for name in ("image", "image_id")
+]}
+
+
 class SegmentRequest(_Strict):
     """One object on one image. Give `image` (the encoded file: PNG, JPEG, ...) or the `image_id`
     an earlier call returned."""
+
+    model_config = ConfigDict(json_schema_extra=_ONE_IMAGE)
 
     image: bytes | None = Field(None, description="encoded image; base64 in JSON, raw in msgpack")
     image_id: ImageId | None = None
@@ -64,7 +77,14 @@ class EmbedRequest(_Strict):
 
 
 class BatchRequest(_Strict):
-    items: list[SegmentRequest] = Field(min_length=1)
+    items: list[SegmentRequest] = Field(min_length=1, description="an invalid item gets its own "
+                                        "error in the results; the others are answered")
+
+
+class BatchEnvelope(_Strict):
+    """What the server checks of a batch body as a whole; it validates each item on its own."""
+
+    items: list[Any] = Field(min_length=1)
 
 
 class RLE(BaseModel):
@@ -188,17 +208,46 @@ _BYTES_FIELDS = ("image",)
 
 
 def decode_body(data: bytes, media: str = JSON) -> Any:
-    """Parse a request body. JSON: the `image` fields are base64 strings and come back as bytes."""
+    """Parse a request body. JSON: the `image` fields are base64 strings and come back as bytes.
+    Bodies nested deeper than MAX_NESTING_DEPTH are a WireError."""
     if media == MSGPACK:
         try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except msgpack.StackError:
+            raise _too_deep() from None
         except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
-            raise WireError(f"body is not valid msgpack: {exc}") from None
+            raise WireError(f"body is not valid msgpack: {_plain(exc)}") from None
+        _check_depth(obj)
+        return obj
     try:
         obj = json.loads(data)
+    except RecursionError:
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"body is not valid JSON: {exc}") from None
+        raise WireError(f"body is not valid JSON: {_plain(exc)}") from None
+    _check_depth(obj)
     return _unbase64(obj)
+
+
+def _too_deep() -> WireError:
+    return WireError(f"body is nested too deeply: at most {MAX_NESTING_DEPTH} levels of arrays "
+                     "and objects")
+
+
+def _plain(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _check_depth(obj: Any) -> None:
+    """Iterative (no recursion of its own): a WireError past MAX_NESTING_DEPTH."""
+    level = [obj]
+    for _ in range(MAX_NESTING_DEPTH):
+        level = [v for c in level if isinstance(c, (dict, list, tuple))
+                 for v in (c.values() if isinstance(c, dict) else c)]
+        if not level:
+            return
+    if any(isinstance(c, (dict, list, tuple)) for c in level):
+        raise _too_deep()
 
 
 def _unbase64(obj: Any, path: str = "") -> Any:
@@ -216,4 +265,3 @@ def _unbase64(obj: Any, path: str = "") -> Any:
     if isinstance(obj, list):
         return [_unbase64(v, f"{path}{i}.") for i, v in enumerate(obj)]
     return obj
-
