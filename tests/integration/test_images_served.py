@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -194,4 +195,10 @@ def test_healthz_stays_fast_while_a_large_image_decodes(main_url):
           f"{max(during) * 1000:.0f} ms; {len(polls)} in all, slowest "
           f"{max(took for _, took in polls) * 1000:.0f} ms")
     assert len(during) >= 3, polls
-    assert max(during) < 0.1, f"/healthz took {max(during) * 1000:.0f} ms during the decode"
+    # Decoding on the event loop would hold a poll that starts during it for most of the decode
+    # (the issue saw 2 s). Judged without wall-clock luck: the typical poll is under 100 ms, and
+    # no poll waits a third of the decode (on an idle machine the slowest was 57-73 ms; a loaded
+    # CI machine must not turn that into a flaky failure).
+    assert statistics.median(during) < 0.1, f"/healthz median {statistics.median(during):.3f} s"
+    assert max(during) < max(0.1, decode_s / 3), (
+        f"/healthz took {max(during) * 1000:.0f} ms during a {decode_s:.2f} s decode")
