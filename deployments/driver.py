@@ -18,9 +18,16 @@ import threading
 # Replies and arguments between replicas go over gRPC in that mode; its default 4 MiB cap is
 # smaller than the masks (1 bit a pixel, 3 candidates) or the decoded RGB of a large photo.
 GRPC_MAX_MESSAGE = 1 << 30
+# NOTE: in that mode the ingress replica answers HTTP itself, and on shutdown Serve holds it open
+# for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) so that a load balancer in front can
+# deregister it: every `serve.shutdown()` of a local run waited those 30 s ("Controller failed to
+# shut down within 30.0s"). These launchers run on one machine with nothing in front, so the hold
+# is 1 s; requests in flight are still drained. Behind a load balancer, leave Serve's default.
+LOCAL_DRAIN_S = "1"
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE),
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": LOCAL_DRAIN_S,
 }
 
 
