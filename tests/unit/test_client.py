@@ -295,6 +295,23 @@ def test_no_retry_on_other_statuses(client, server, sleeps, status):
     assert len(server.calls) == 1 and sleeps == []
 
 
+def test_a_500_without_our_error_body_is_retried(client, server, sleeps):
+    # what Serve's proxy answers when the Ingress replica dies under a request
+    plain = httpx.Response(500, text="Internal Server Error",
+                           headers={"content-type": "text/plain; charset=utf-8"})
+    server.script["/v1/segment"] = [plain, plain]
+    seg = client.segment(IMG, points=[[10, 10]])
+    assert seg.ok and len(server.calls) == 3 and len(sleeps) == 2
+
+
+def test_a_500_without_our_body_fails_after_the_retries(server, sleeps):
+    server.script["/v1/segment"] = [httpx.Response(500, text="Internal Server Error")] * 3
+    c = BiPromptClient(transport=httpx.MockTransport(server), max_retries=2, sleep=sleeps.append)
+    with pytest.raises(ServerError) as ei:
+        c.segment(IMG)
+    assert ei.value.status_code == 500 and len(server.calls) == 3
+
+
 def test_connection_errors_are_retried_then_raised(server, sleeps):
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

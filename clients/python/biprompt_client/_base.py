@@ -176,7 +176,8 @@ class BaseClient:
         retry_after = _retry_after(resp.headers.get("retry-after"))
         err = error_from_response(status, body if isinstance(body, Mapping) else None, rid,
                                   retry_after=retry_after, text=resp.text if body is None else None)
-        if status in RETRY_STATUS and attempt < self.max_retries:
+        retryable = status in RETRY_STATUS or (status == 500 and not _our_error_body(body))
+        if retryable and attempt < self.max_retries:
             return Retry(self._backoff(attempt, retry_after), err)
         raise err
 
@@ -281,6 +282,15 @@ class BaseClient:
         if key is not None and key in plan.embed_errors:
             return BatchError(plan.embed_errors[key], index=i)
         return None
+
+
+def _our_error_body(body: Any) -> bool:
+    """Whether an error reply carries the server's own body, {"error": {"type", ...}}. Every
+    error the app answers does; a 500 without it came from in front of the app (Serve's proxy
+    answering for an Ingress replica that died mid-request), and the request never got an
+    answer: worth retrying, as every v1 route is idempotent."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    return isinstance(error, Mapping) and "type" in error
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -2,7 +2,9 @@
 
 Both speak msgpack by default (raw bytes, no base64) and fall back to JSON when the server
 answers 415 or sends msgpack they can't read; both retry connection errors, timeouts, 408, 429,
-502, 503 and 504 with exponential backoff and full jitter (or the server's Retry-After).
+502, 503 and 504 with exponential backoff and full jitter (or the server's Retry-After), and a 500
+that lacks the server's error body (Serve's proxy answering for an Ingress replica that died
+under the request; the app's own 500s carry the body and are not retried).
 """
 
 from __future__ import annotations
