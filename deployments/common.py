@@ -9,7 +9,9 @@ import time
 from functools import cache
 
 import numpy as np
+import ray
 import torch
+from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from biprompt.cache import Cached, make_store
@@ -56,12 +58,28 @@ def warm_up(engine) -> None:
         log.info("warmed up in %.2f s", time.perf_counter() - t)
 
 
+def replica_identity() -> dict:
+    """This replica's Serve id and Ray node id (None outside a replica / a Ray worker): which
+    replica answered, and where, when a deployment has several across nodes."""
+    out = {"replica_id": None, "node_id": None}
+    try:
+        out["replica_id"] = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica (unit tests)
+        pass
+    try:
+        out["node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - Ray not initialised
+        pass
+    return out
+
+
 def replica_stats(clock: ReplicaClock, engine=None, **counts) -> dict:
     """What a replica's `stats()` returns: its counters, torch threads, its process (peak and
-    current RSS, time to ready) and the model weights it holds (bytes by part)."""
+    current RSS, time to ready), where it runs (replica and node id) and the model weights it
+    holds (bytes by part)."""
     weights = engine.weights() if engine is not None and hasattr(engine, "weights") else {}
     return {**counts, "torch_threads": torch.get_num_threads(), "process": clock.stats(),
-            "weights": weights}
+            **replica_identity(), "weights": weights}
 
 
 @cache

@@ -12,6 +12,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the route sig
 
 import asyncio
 import hmac
+import inspect
 import time
 from typing import Any
 
@@ -66,6 +67,11 @@ from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
 
+async def _settled(value):
+    """`value`, awaited if it is a model's pending answer (a DeploymentResponse)."""
+    return await value if inspect.isawaitable(value) else value
+
+
 # NOTE: serve.ingress must run where the class is defined: it rewrites the routes registered on
 # `api`, and every replica re-imports this module (routes fixed up in graph.py's process only
 # would reach replicas unfixed). serve.deployment and its options are applied in graph.py.
@@ -86,6 +92,7 @@ class Ingress:
         self._info: dict | None = None
         self._inflight: dict[str, DeploymentResponse] = {}
         self.replica_retries = 0  # requests tried again because a model replica died under them
+        self.embedding_lookups = {"hit": 0, "miss": 0}  # this replica's, by outcome
         self._tasks: set[asyncio.Task] = set()
         self.clock.ready()
 
@@ -93,7 +100,8 @@ class Ingress:
 
     def stats(self) -> dict:
         return replica_stats(self.clock, inflight_encodes=len(self._inflight),
-                             replica_retries=self.replica_retries)
+                             replica_retries=self.replica_retries,
+                             embedding_lookups=dict(self.embedding_lookups))
 
     async def info(self) -> dict:
         if self._info is None:
@@ -152,6 +160,7 @@ class Ingress:
         t = time.perf_counter()
         blob = await self.cache.get_embedding_blob(key, sam_id)
         timings["cache"] = (time.perf_counter() - t) * 1000.0
+        self.embedding_lookups["miss" if blob is None else "hit"] += 1
         if blob is not None:
             h, w = embedding_header(blob)["original_size"]
             return blob, (h, w), "hit", img_id
@@ -235,6 +244,13 @@ class Ingress:
             if lookup is not None:
                 lookup.cancel()
             raise
+        # Each model's answer is awaited here, not handed on to the next deployment as a
+        # DeploymentResponse: when a replica's node is lost, Serve reports a chained argument as
+        # "temporarily unavailable" and retries the *next* call without end (seen with the
+        # Selector on a removed node: requests hung until the client gave up). Awaited here, the
+        # failure is ours to see, and segment_one retries it. In the throughput-optimized mode
+        # the router awaited those arguments in this replica anyway.
+        emb = await _settled(emb)
         points = None
         if len(prompt.points) or prompt.box is not None:
             points = self.decoder.remote(emb, prompt)
@@ -247,11 +263,12 @@ class Ingress:
         spec = {"mode": prompt.mode, "mask_format": req.mask_format,
                 "return_candidates": req.return_candidates,
                 "return_text_mask": req.return_text_mask}
-        # experts go as keyword arguments (Serve resolves those DeploymentResponses too): a new
-        # expert is one more keyword, the Selector's signature stays
+        points, text = await asyncio.gather(_settled(points), _settled(text))
+        # experts go as keyword arguments: a new expert is one more keyword, the Selector's
+        # signature stays
         out = await self.selector.remote(points, spec, text=text)
         if cache_state == "miss":
-            header = embedding_header(await emb)
+            header = embedding_header(emb)
             timings["encoder"] = header.get("encode_ms", 0.0)
         timings.update(out.pop("timings_ms"))
         timings["total"] = (time.perf_counter() - t0) * 1000.0
