@@ -34,18 +34,26 @@ DEPLOYMENTS = {"ImageEncoder": ImageEncoder, "PointDecoder": PointDecoder, "Text
 # opportunistic (no wait: requests that queued while a batch ran form the next one), which keeps
 # a lone request's latency down. serve_config.yaml sets GPU batch sizes and waits.
 CPU_MODEL_CONFIG = {"torch_threads": 0, "batch_wait_timeout_s": 0.0}
+# Draining (scale-down, redeploys, shutdown): Serve stops sending a replica new requests, then
+# waits for its in-flight ones, checking every 0.5 s (Serve's default is 2 s, which every local
+# shutdown and scale-down waited out), for at most the timeout: a model replica may hold a
+# queued batch behind the running one.
+MODEL_DRAIN = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 60}
+LIGHT_DRAIN = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 20}
 DEFAULT_OPTIONS: dict[str, dict] = {
     "ImageEncoder": {"max_ongoing_requests": 16, "max_queued_requests": 128,
-                     "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5}},
+                     "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5},
+                     **MODEL_DRAIN},
     "PointDecoder": {"max_ongoing_requests": 32, "max_queued_requests": 256,
                      "user_config": {"batch_wait_timeout_s": 0.0},
-                     "ray_actor_options": {"num_cpus": 0.25}},
+                     "ray_actor_options": {"num_cpus": 0.25}, **MODEL_DRAIN},
     "TextMask": {"max_ongoing_requests": 16, "max_queued_requests": 128,
-                 "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5}},
+                 "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5},
+                 **MODEL_DRAIN},
     "Selector": {"max_ongoing_requests": 64, "max_queued_requests": 512,
-                 "ray_actor_options": {"num_cpus": 0.1}},
+                 "ray_actor_options": {"num_cpus": 0.1}, **LIGHT_DRAIN},
     "Ingress": {"max_ongoing_requests": 64, "max_queued_requests": 256,
-                "ray_actor_options": {"num_cpus": 0.1}},
+                "ray_actor_options": {"num_cpus": 0.1}, **LIGHT_DRAIN},
 }
 
 

@@ -79,7 +79,8 @@ def start_app(profile: str | Path, cache_url: str | None, *, name: str = "demo",
 
     t = time.perf_counter()
     apply_serve_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    # address="local": a Ray of its own, never a cluster someone started on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
