@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean venv train-demo
+.PHONY: demo test test-cluster soak lint bench bench-quick clean venv train-demo
 
 venv: $(STAMP)
 
@@ -22,9 +22,21 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml requirements/cpu.txt requ
 # lint-imports checks the layers (contracts in pyproject.toml): serving > graph > deployments >
 # biprompt, and the client apart from all of them.
 test: $(STAMP)
-	$(PY) -m ruff check biprompt deployments graph serving clients tests benchmarks
+	$(PY) -m ruff check biprompt deployments graph serving clients tests benchmarks deploy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/cluster
+
+# The multi-node tier alone (a head and two worker nodes on this machine; about 4-5 min on 2
+# cores). A pytest process of its own: one process holds one Ray connection.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q tests/cluster
+
+# Soak: locust (8 users) against a local app with its own Ray and Redis for SOAK_S seconds
+# (default 600); writes out/soak/report.md + report.json, exits non-zero when a target fails.
+SOAK_S ?= 600
+soak: $(STAMP)
+	SOAK_S=$(SOAK_S) $(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m serving.demo

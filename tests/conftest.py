@@ -44,3 +44,16 @@ def redis_server():
 
     with RedisServer() as server:
         yield server
+
+
+CLUSTER_TIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/cluster runs only when named on the command line (`pytest tests/cluster`, as
+    `make test` does after the rest): it starts a multi-node Ray cluster, and one process holds
+    one Ray connection, the integration tier's single-node one included."""
+    if str(collection_path) != CLUSTER_TIER:
+        return None
+    named = [os.path.abspath(str(a).split("::")[0]) for a in config.args]
+    return not any(a == CLUSTER_TIER or a.startswith(CLUSTER_TIER + os.sep) for a in named)

@@ -18,18 +18,16 @@ differently batched calls are compared up to rounding (tests/support/parity.py).
 from __future__ import annotations
 
 import functools
-import io
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.support.gated_encoder import GATE_ENV, EncoderGate
 from tests.support.parity import assert_masks_close
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.scenes import png_bytes, scene  # noqa: F401 - the tests import them here
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +36,6 @@ STRICT_LIMITS = {"max_body_mb": 1.0, "max_image_pixels": 200_000}
 # Two calls of one prompt batched with different company round differently: their masks may
 # differ where a logit rounds across 0, at most this share of the pixels (measured: none).
 MAX_FLIPPED = 1e-3
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def scene(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
-    """A noisy image with a few flat rectangles: distinct per seed."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-    for _ in range(3):
-        y, x = rng.integers(0, h - 60), rng.integers(0, w - 80)
-        img[y : y + 50, x : x + 70] = rng.integers(100, 255, size=3)
-    return img
 
 
 @pytest.fixture(scope="session")
