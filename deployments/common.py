@@ -48,14 +48,19 @@ def build_engine(role: str, args: AppArgs):
     return engine
 
 
-def warm_up(engine) -> None:
-    """One dummy forward before the replica takes traffic (lazy init, allocator, kernels)."""
+def warm_up(engine, clock: ReplicaClock | None = None) -> None:
+    """One dummy forward before the replica takes traffic (lazy init, allocator, kernels): it
+    runs in the constructor, and Serve counts a replica ready only once that returned. Its
+    seconds go to `clock.warmup_s` (the replica's stats)."""
     warm = getattr(engine, "warmup", None)
     if warm is not None:
         t = time.perf_counter()
         with torch.no_grad():
             warm()
-        log.info("warmed up in %.2f s", time.perf_counter() - t)
+        took = time.perf_counter() - t
+        if clock is not None:
+            clock.warmup_s = took
+        log.info("warmed up in %.2f s", took)
 
 
 def replica_identity() -> dict:

@@ -37,7 +37,7 @@ class ImageEncoder:
         self.model_id = self.engine.model_id
         self.counts = {"requests": 0, "images": 0, "batches": 0, "failed": 0,
                        "shared_cache_hits": 0}
-        warm_up(self.engine)
+        warm_up(self.engine, self.clock)
         self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:

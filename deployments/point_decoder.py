@@ -30,7 +30,7 @@ class PointDecoder:
         self.clock = ReplicaClock()
         self.engine = engine or build_engine("points", args)
         self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0}
-        warm_up(self.engine)
+        warm_up(self.engine, self.clock)
         self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:

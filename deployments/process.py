@@ -39,6 +39,7 @@ class ReplicaClock:
         self._t0 = time.monotonic()
         self.ready_s: float | None = None
         self.load_s: float | None = None
+        self.warmup_s: float | None = None  # the dummy forward's, if the replica runs a model
 
     def ready(self) -> None:
         self.load_s = time.monotonic() - self._t0
@@ -49,4 +50,4 @@ class ReplicaClock:
         constructor's own time (model load + warm-up)."""
         return {"pid": os.getpid(), "vmhwm_mb": _status_mb("VmHWM"),
                 "vmrss_mb": _status_mb("VmRSS"), "ready_s": self.ready_s,
-                "constructor_s": self.load_s}
+                "constructor_s": self.load_s, "warmup_s": self.warmup_s}

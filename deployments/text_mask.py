@@ -38,7 +38,7 @@ class TextMask:
         self.cache = cache or make_cache(args)
         self.counts = {"requests": 0, "pairs": 0, "batches": 0, "failed": 0}
         if self.engine is not None:
-            warm_up(self.engine)
+            warm_up(self.engine, self.clock)
         self.clock.ready()
 
     def reconfigure(self, user_config: dict) -> None:

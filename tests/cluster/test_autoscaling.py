@@ -21,7 +21,7 @@ def test_encoder_scales_up_under_load_and_back_down(app_url, cluster, watch):
         t_ramp = time.monotonic()
         load.set_concurrency(6)
         up_s = wait_until(lambda: watch.running("ImageEncoder") >= 2, 90, "scale-up to 2")
-        nodes = {s["node_id"] for s in all_stats("ImageEncoder", 2).values()}
+        encoders = list(all_stats("ImageEncoder", 2).values())
         time.sleep(3)
         t_calm = time.monotonic()
         load.set_concurrency(1)  # requests keep flowing while a replica drains
@@ -38,6 +38,12 @@ def test_encoder_scales_up_under_load_and_back_down(app_url, cluster, watch):
     assert failed == [], failed
     counts = [n for _, n in timeline]
     assert counts[0] == 1 and max(counts) >= 2 and counts[-1] == 1, timeline
-    assert len(nodes) == 2  # max_replicas_per_node: the new replica went to the other worker
+    # max_replicas_per_node: the new replica went to the other worker
+    assert len({s["node_id"] for s in encoders}) == 2
+    # each ran its dummy forward inside its constructor, which Serve waits for before it
+    # routes a request there: no request met a cold replica
+    for s in encoders:
+        proc = s["process"]
+        assert proc["warmup_s"] is not None and proc["constructor_s"] >= proc["warmup_s"], proc
     served_during_drain = [s for s in samples if s.t0 >= t_calm]
     assert served_during_drain, "no request ran while the extra replica drained"
