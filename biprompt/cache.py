@@ -63,6 +63,10 @@ def text_mask_key(sam_id: str, text_id: str, img_id: str, text: str) -> str:
     return f"biprompt:v{FORMAT_VERSION}:txt:{text_id}:{sam_id}:p{PREPROCESS_VERSION}:{img_id}:{digest}"
 
 
+def logits_key(sam_id: str, logits_id: str) -> str:
+    return f"biprompt:v{FORMAT_VERSION}:logits:{sam_id}:{logits_id}"
+
+
 # --- values ---------------------------------------------------------------------------------
 
 
@@ -192,6 +196,23 @@ def unpack_mask(blob: bytes, model_id: str | None = None) -> np.ndarray:
     return np.unpackbits(bits, count=h * w).astype(bool).reshape(h, w)
 
 
+def pack_logits(logits: np.ndarray, model_id: str, img_id: str) -> bytes:
+    """An answer's LxL low-res logits (float16) for the next refinement click on `img_id`."""
+    return pack("logits", {"logits": np.asarray(logits, dtype=np.float16)}, model_id=model_id,
+                image_id=img_id)
+
+
+def unpack_logits(blob: bytes, model_id: str) -> tuple[np.ndarray, str | None]:
+    """-> (LxL float32 logits, the image id they belong to)."""
+    header, arrays = unpack(blob, "logits")
+    if header.get("model_id") != model_id:
+        raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
+    logits = arrays.get("logits")
+    if logits is None or logits.ndim != 2:
+        raise CacheFormatError("not 2-d logits")
+    return logits.astype(np.float32), header.get("image_id")
+
+
 # --- stores ---------------------------------------------------------------------------------
 
 
@@ -225,12 +246,13 @@ class LocalStore:
         self._items.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes) -> None:
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         if len(value) > self.max_bytes:
             return
         if key in self._items:
             self._drop(key)
-        expires = time.monotonic() + self.ttl_s if self.ttl_s else 0.0
+        ttl_s = ttl_s or self.ttl_s
+        expires = time.monotonic() + ttl_s if ttl_s else 0.0
         self._items[key] = (expires, value)
         self._bytes += len(value)
         while self._bytes > self.max_bytes:
@@ -311,8 +333,9 @@ class RedisStore:
     async def get(self, key: str) -> bytes | None:
         return await self._call("GET", lambda: self._client.get(key))
 
-    async def set(self, key: str, value: bytes) -> None:
-        ex = int(self.ttl_s) if self.ttl_s else None
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        ttl_s = ttl_s or self.ttl_s
+        ex = int(ttl_s) if ttl_s else None
         await self._call("SET", lambda: self._client.set(key, value, ex=ex))
 
     async def delete(self, key: str) -> None:

@@ -35,6 +35,9 @@ def join(
                              expert_masks=present, expert_ious={})
     sel = select(candidates.masks, candidates.scores, present, mode, agreement_threshold)
     mask = present[mode] if mode in EXPERT_MODES else candidates.masks[sel.selected]
+    logits = None
+    if mode not in EXPERT_MODES and candidates.low_res_logits is not None:
+        logits = candidates.low_res_logits[sel.selected]
     return SegmentResult(mask, candidates.masks, candidates.scores, text_mask, sel.text_ious,
                          sel.selected, sel.strategy, sel.agreement, mode,
-                         expert_masks=present, expert_ious=dict(sel.ious))
+                         expert_masks=present, expert_ious=dict(sel.ious), low_res_logits=logits)

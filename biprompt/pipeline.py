@@ -223,11 +223,17 @@ class BiPromptPipeline:
     # --- both -------------------------------------------------------------------------------
 
     def segment(self, image_or_embedding, points=None, labels=None, *, text: str | None = None,
-                mode: str = "biprompt", box=None) -> SegmentResult:
+                mode: str = "biprompt", box=None, mask_input=None,
+                multimask: bool | None = None) -> SegmentResult:
         """Segment one object. points: [[x, y], ...] in original-image pixels; labels: 1/0 each
-        (default all 1); text: a referring expression; mode: biprompt | point | text."""
+        (default all 1); text: a referring expression; mode: biprompt | point | text.
+
+        Refinement: pass the previous answer's `low_res_logits` as `mask_input` with every
+        click so far (positive 1, negative 0); no encoder pass, the embedding is reused.
+        multimask: None lets biprompt.prompts.refinement_multimask decide."""
         emb = self._embedding(image_or_embedding)
-        prompt = make_prompt(emb.original_size, points, labels, box=box, text=text, mode=mode)
+        prompt = make_prompt(emb.original_size, points, labels, box=box, text=text, mode=mode,
+                             mask_input=mask_input, multimask=multimask)
         return self.segment_batch(emb, [prompt])[0]
 
     def segment_batch(self, image_or_embedding, prompts: Sequence[Prompt | dict]) -> list[SegmentResult]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biprompt.config import MAX_POINTS
+from biprompt.config import MAX_POINTS, REFINE_MULTIMASK
 from biprompt.errors import InvalidPromptError
 from biprompt.selection import MODES
 
@@ -16,7 +16,9 @@ class Prompt:
     """One segmentation request against one image.
 
     points: Nx2 float64, XY pixels in the original image; labels: (N,) int, 1 = foreground,
-    0 = background; box: (4,) XYXY pixels or None; text: a referring expression or None.
+    0 = background; box: (4,) XYXY pixels or None; text: a referring expression or None;
+    mask_input: the previous mask as SAM's LxL low-res logits (a refinement click) or None;
+    multimask: SAM's three candidates (True) or its single-mask output (False).
     """
 
     points: np.ndarray
@@ -24,11 +26,14 @@ class Prompt:
     box: np.ndarray | None = None
     text: str | None = None
     mode: str = "biprompt"
+    mask_input: np.ndarray | None = None
+    multimask: bool = True
 
     @property
-    def group_key(self) -> tuple[int, bool]:
+    def group_key(self) -> tuple[int, bool, bool, bool]:
         """Prompts with equal keys decode in one batched call."""
-        return (len(self.points), self.box is not None)
+        return (len(self.points), self.box is not None, self.mask_input is not None,
+                self.multimask)
 
 
 def _finite(arr: np.ndarray, what: str) -> None:
@@ -44,8 +49,11 @@ def make_prompt(
     box=None,
     text: str | None = None,
     mode: str = "biprompt",
+    mask_input=None,
+    multimask: bool | None = None,
 ) -> Prompt:
-    """Check a prompt against an image of `image_size` = (h, w); raise InvalidPromptError."""
+    """Check a prompt against an image of `image_size` = (h, w); raise InvalidPromptError.
+    multimask None: `refinement_multimask` decides (biprompt.config.REFINE_MULTIMASK)."""
     h, w = image_size
     if mode not in MODES:
         raise InvalidPromptError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -97,4 +105,27 @@ def make_prompt(
         raise InvalidPromptError(f"mode {mode!r} needs at least one point (or a box)")
     if mode == "text" and text is None:
         raise InvalidPromptError("mode 'text' needs a text expression")
-    return Prompt(pts, lab, bx, text, mode)
+    logits = None
+    if mask_input is not None:
+        logits = np.asarray(mask_input, dtype=np.float32)
+        if logits.ndim == 3 and logits.shape[0] == 1:
+            logits = logits[0]
+        if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+            raise InvalidPromptError(f"mask_input must be SAM's square low-res logits (LxL), got "
+                                     f"shape {list(logits.shape)}")
+        _finite(logits, "mask_input logits")
+    if multimask is None:
+        multimask = refinement_multimask(mode, len(pts), logits is not None)
+    return Prompt(pts, lab, bx, text, mode, logits, bool(multimask))
+
+
+def refinement_multimask(mode: str, n_points: int, has_mask: bool) -> bool:
+    """Whether a prompt asks SAM for its three candidates or its single mask.
+
+    A first click (one point, no previous mask) is ambiguous: three candidates, and in biprompt
+    mode the text picks. Once the mask is being refined (a previous mask, or several points),
+    SAM's own practice is its single-mask output; REFINE_MULTIMASK[mode] says what each mode
+    does then (measured: `biprompt eval clicks`, README)."""
+    if not has_mask and n_points <= 1:
+        return True
+    return REFINE_MULTIMASK.get(mode, False)

@@ -26,7 +26,8 @@ class ImageEmbedding:
 
 @dataclass
 class PointCandidates:
-    """SAM's multimask output for one prompt: 3xHxW masks, (3,) predicted IoUs, 3x4hx4w logits."""
+    """SAM's output for one prompt: KxHxW masks, (K,) predicted IoUs, Kx4hx4w low-res logits;
+    K = 3 (multimask) or 1 (single-mask, refinement)."""
 
     masks: np.ndarray
     scores: np.ndarray
@@ -46,3 +47,5 @@ class SegmentResult:
     mode: str
     expert_masks: dict[str, np.ndarray] = field(default_factory=dict)  # name -> HxW bool
     expert_ious: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (K,) per candidate
+    # the selected candidate's LxL low-res logits: the next refinement click's mask_input
+    low_res_logits: np.ndarray | None = None

@@ -14,8 +14,10 @@ import asyncio
 import hmac
 import inspect
 import time
+import uuid
 from typing import Any
 
+import numpy as np
 from biprompt_client.schema import (
     MAX_NESTING_DEPTH,
     MAX_TEXT_CHARS,
@@ -39,9 +41,19 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from biprompt.cache import Cached, embedding_header, embedding_key, pack_mask, text_mask_key
+from biprompt.cache import (
+    Cached,
+    CacheFormatError,
+    embedding_header,
+    embedding_key,
+    logits_key,
+    pack_logits,
+    pack_mask,
+    text_mask_key,
+    unpack_logits,
+)
 from biprompt.cache import image_id as hash_image
-from biprompt.config import MAX_POINTS, MAX_TEXT_TOKENS
+from biprompt.config import LOGITS_TTL_S, MAX_POINTS, MAX_TEXT_TOKENS
 from biprompt.config import MAX_TEXT_CHARS as MODEL_TEXT_CHARS
 from biprompt.errors import (
     InvalidInputError,
@@ -238,8 +250,10 @@ class Ingress:
             lookup = asyncio.ensure_future(self._cached_mask(img_id, req.text, info))
         try:
             emb, size, cache_state, img_id = await self._embedding(req.image, img_id, timings)
+            mask_input = await self._mask_input(req, img_id, info)
             prompt = make_prompt(size, req.points or None, req.point_labels, box=req.box,
-                                 text=req.text, mode=req.mode)
+                                 text=req.text, mode=req.mode, mask_input=mask_input,
+                                 multimask=req.multimask)
         except BaseException:
             if lookup is not None:
                 lookup.cancel()
@@ -262,7 +276,7 @@ class Ingress:
             text, text_cache = await self._text_mask(emb, prompt.text, img_id, info, lookup)
         spec = {"mode": prompt.mode, "mask_format": req.mask_format,
                 "return_candidates": req.return_candidates,
-                "return_text_mask": req.return_text_mask}
+                "return_text_mask": req.return_text_mask, "logits": req.logits}
         points, text = await asyncio.gather(_settled(points), _settled(text))
         # experts go as keyword arguments: a new expert is one more keyword, the Selector's
         # signature stays
@@ -271,12 +285,54 @@ class Ingress:
             header = embedding_header(emb)
             timings["encoder"] = header.get("encode_ms", 0.0)
         timings.update(out.pop("timings_ms"))
+        out.update(await self._logits_out(out.pop("logits", None), req.logits, img_id, info))
         timings["total"] = (time.perf_counter() - t0) * 1000.0
         h, w = size
         return {"request_id": rid, "image_id": img_id, "width": w, "height": h,
                 "mode": prompt.mode, "mask_format": req.mask_format, **out,
                 "cache": cache_state, "text_cache": text_cache, "timings_ms": timings,
                 "model": info["model"]}
+
+    # --- refinement: the previous mask's low-res logits -------------------------------------
+
+    async def _mask_input(self, req: SegmentRequest, img_id: str, info: dict):
+        """The request's mask_input as LxL float32 logits (None without one): sent raw, or named
+        by the `logits_id` of an earlier answer on the same image."""
+        if req.mask_input is not None:
+            n = len(req.mask_input) // 2
+            side = int(round(n ** 0.5))
+            if len(req.mask_input) % 2 or side * side != n:
+                raise InvalidInputError(f"mask_input is {len(req.mask_input)} bytes: send LxL "
+                                        "float16 logits (2 x L x L bytes, L = logits_size)")
+            return np.frombuffer(req.mask_input, dtype="<f2").reshape(side, side)
+        if req.mask_input_id is None:
+            return None
+        blob = await self.cache.store.get(logits_key(info["model"]["sam"], req.mask_input_id))
+        if blob is None:
+            raise NotFoundError(f"unknown mask_input_id {req.mask_input_id}: it expired (kept "
+                                f"{LOGITS_TTL_S // 60} min) or came from another server; send the "
+                                "logits themselves, or click anew without mask_input_id")
+        try:
+            logits, owner = unpack_logits(blob, info["model"]["sam"])
+        except CacheFormatError:
+            raise NotFoundError(f"mask_input_id {req.mask_input_id} holds no logits this model "
+                                "reads; send the logits themselves") from None
+        if owner != img_id:
+            raise InvalidInputError(f"mask_input_id {req.mask_input_id} belongs to another image")
+        return logits
+
+    async def _logits_out(self, logits, want: str, img_id: str, info: dict) -> dict:
+        """The reply's logits fields: a server-side handle ('id') or the logits ('raw')."""
+        if logits is None or want == "none":
+            return {}
+        logits = np.asarray(logits, dtype=np.float16)
+        if want == "raw":
+            return {"logits": logits.astype("<f2").tobytes(), "logits_size": int(logits.shape[0])}
+        handle = uuid.uuid4().hex
+        await self.cache.store.set(logits_key(info["model"]["sam"], handle),
+                                   pack_logits(logits, info["model"]["sam"], img_id),
+                                   ttl_s=LOGITS_TTL_S)
+        return {"logits_id": handle, "logits_size": int(logits.shape[0])}
 
     async def _cached_mask(self, img_id: str, text: str, info: dict):
         key = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id, text)

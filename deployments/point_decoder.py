@@ -6,6 +6,7 @@ decoder call per prompt shape. Returns SAM's three candidates and their predicte
 
 from __future__ import annotations
 
+import numpy as np
 from ray import serve
 
 from biprompt.cache import embedding_header, unpack_embedding
@@ -79,7 +80,10 @@ class PointDecoder:
                 continue
 
             def decode(prompts: list[Prompt], emb=emb) -> list[dict]:
-                return [{"masks": pack_bits(c.masks), "scores": c.scores}
+                # low-res logits in float16: the selected one may be the next click's mask_input
+                return [{"masks": pack_bits(c.masks), "scores": c.scores,
+                         "logits": None if c.low_res_logits is None
+                         else c.low_res_logits.astype(np.float16)}
                         for c in self.engine.decode_points(emb, prompts)]
 
             results = isolated(decode, [items[i][1] for i in idx], "PointDecoder")

@@ -1,5 +1,5 @@
 """Selector (CPU): joins SAM's candidates and the expert masks (biprompt.join) and encodes the
-masks for the wire (COCO RLE or PNG)."""
+masks for the wire (COCO RLE, polygons or PNG)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from biprompt_client import rle
 from PIL import Image
 
 from biprompt.join import join
+from biprompt.polygons import mask_to_polygons
 from biprompt.types import PointCandidates
 from deployments.common import metrics, replica_stats, unpack_bits
 from deployments.process import ReplicaClock
@@ -20,6 +21,8 @@ from deployments.settings import AppArgs
 def encode_mask(mask: np.ndarray, fmt: str):
     if fmt == "rle":
         return rle.encode(mask)
+    if fmt == "polygon":
+        return mask_to_polygons(mask)
     if fmt == "png":
         buf = io.BytesIO()
         Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(buf, format="PNG",
@@ -55,7 +58,8 @@ class Selector:
         cands = None
         if points is not None:
             timings["point_decoder"] = points["decoder_ms"]
-            cands = PointCandidates(unpack_bits(points["masks"]), points["scores"], None)
+            cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
+                                    points.get("logits"))
         res = join(cands, experts, spec["mode"], self.threshold)
         fmt = spec["mask_format"]
         out: dict = {"candidates": [], "text_mask": None}
@@ -72,6 +76,8 @@ class Selector:
             out["text_mask"] = encode_mask(res.text_mask, fmt)
         out.update(mask=encode_mask(res.mask, fmt), selected=res.selected, strategy=res.strategy,
                    agreement=res.agreement)
+        if spec.get("logits", "none") != "none" and res.low_res_logits is not None:
+            out["logits"] = np.asarray(res.low_res_logits, dtype=np.float16)  # the Ingress's
         metrics()["strategy"].inc(tags={"strategy": res.strategy})
         if res.agreement is not None:
             metrics()["agreement"].observe(res.agreement)

@@ -13,7 +13,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
 from biprompt.engines.base import Placement, param_bytes
-from biprompt.errors import InvalidImageError
+from biprompt.errors import InvalidImageError, InvalidPromptError
 from biprompt.factory import load_sam_part, open_sam
 from biprompt.models.decoding import upscale_logits
 from biprompt.models.sam import SamSpec
@@ -59,8 +59,8 @@ class PointDecoderEngine:
 
     @torch.no_grad()
     def decode_points(self, emb: ImageEmbedding, prompts: Sequence[Prompt]) -> list[PointCandidates]:
-        """SAM's three candidates for each prompt on one image, one batched decoder call per
-        (number of points, has box)."""
+        """SAM's candidates for each prompt on one image (three, or one for a single-mask prompt),
+        one batched decoder call per Prompt.group_key."""
         self.check(emb)
         dev, dtype = self.place.device, self.place.dtype
         results: list[PointCandidates | None] = [None] * len(prompts)
@@ -69,8 +69,8 @@ class PointDecoderEngine:
             groups.setdefault(p.group_key, []).append(i)
         image = emb.embedding.to(dev, dtype)
         size = self.spec.img_size
-        for (n, has_box), idx in groups.items():
-            points = boxes = None
+        for (n, has_box, has_mask, multimask), idx in groups.items():
+            points = boxes = masks_in = None
             if n:
                 coords = np.stack([transform_coords(prompts[i].points, emb.original_size, size)
                                    for i in idx])
@@ -81,13 +81,16 @@ class PointDecoderEngine:
                 b = np.concatenate([transform_boxes(prompts[i].box[None], emb.original_size, size)
                                     for i in idx])
                 boxes = torch.as_tensor(b, dtype=torch.float, device=dev)
-            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+            if has_mask:
+                masks_in = torch.as_tensor(np.stack([self._mask_input(prompts[i]) for i in idx]),
+                                           dtype=torch.float, device=dev)[:, None]
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
             low_res, scores = self.mask_decoder(
                 image_embeddings=image,
                 image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
                 sparse_prompt_embeddings=sparse.to(dtype),
                 dense_prompt_embeddings=dense.to(dtype),
-                multimask_output=True,
+                multimask_output=multimask,
             )
             masks = upscale_logits(low_res.float(), size, emb.input_size, emb.original_size)
             masks = (masks > MASK_THRESHOLD).cpu().numpy()
@@ -96,6 +99,21 @@ class PointDecoderEngine:
             for j, i in enumerate(idx):
                 results[i] = PointCandidates(masks[j], scores_np[j], low_np[j])
         return results  # type: ignore[return-value]
+
+    @property
+    def logits_size(self) -> int:
+        """L of the LxL low-res logits this decoder returns and takes as mask_input (4x the
+        embedding grid: 256 for the official models)."""
+        return 4 * self.spec.embedding_size
+
+    def _mask_input(self, prompt: Prompt) -> np.ndarray:
+        m = prompt.mask_input
+        if m.shape != (self.logits_size, self.logits_size):
+            raise InvalidPromptError(
+                f"mask_input is {m.shape[0]}x{m.shape[1]}; this model takes "
+                f"{self.logits_size}x{self.logits_size} low-res logits (send back the logits, or "
+                "the logits_id, of an earlier answer from this server)")
+        return m
 
     def warmup(self) -> None:
         g = self.spec.embedding_size

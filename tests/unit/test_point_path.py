@@ -46,12 +46,35 @@ def test_matches_sam_predictor(sam_and_pipe, shape, points, labels, box):
     )
     emb = pipe.embed(img)
     assert torch.equal(emb.embedding, predictor.features)
-    res = pipe.segment(emb, points, labels, box=box, mode="point")
+    res = pipe.segment(emb, points, labels, box=box, mode="point", multimask=True)
     assert res.candidates.shape == (3, *shape)
     np.testing.assert_array_equal(res.candidates, ref_masks)
     np.testing.assert_allclose(res.candidate_scores, ref_scores, rtol=0, atol=1e-5)
     assert res.selected == int(np.argmax(ref_scores))
     np.testing.assert_array_equal(res.mask, ref_masks[res.selected])
+
+
+def test_refinement_matches_sam_predictor_with_mask_input(sam_and_pipe):
+    """A refinement click (previous low-res logits as mask_input, single-mask output) is
+    SamPredictor's arithmetic too."""
+    sam, pipe = sam_and_pipe
+    img = np.random.default_rng(4).integers(0, 256, size=(240, 320, 3), dtype=np.uint8)
+    predictor = SamPredictor(sam)
+    predictor.set_image(img)
+    _, scores, low = predictor.predict(point_coords=np.array([[100.0, 50.0]]),
+                                       point_labels=np.array([1]), multimask_output=True)
+    prev = low[int(np.argmax(scores))]
+    pts, labs = np.array([[100.0, 50.0], [200.0, 180.0]]), np.array([1, 0])
+    ref_masks, ref_scores, ref_low = predictor.predict(
+        point_coords=pts, point_labels=labs, mask_input=prev[None], multimask_output=False)
+    emb = pipe.embed(img)
+    first = pipe.segment(emb, [[100.0, 50.0]], mode="point")
+    np.testing.assert_array_equal(first.low_res_logits, prev)
+    res = pipe.segment(emb, pts, labs, mode="point", mask_input=first.low_res_logits)
+    assert res.candidates.shape == (1, 240, 320)  # point mode refines with the single mask
+    np.testing.assert_array_equal(res.candidates, ref_masks)
+    np.testing.assert_allclose(res.candidate_scores, ref_scores, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res.low_res_logits, ref_low[0], rtol=0, atol=1e-4)
 
 
 def test_batched_decode_equals_single(sam_and_pipe):

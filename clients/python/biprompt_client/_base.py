@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 
 from .errors import (
     APIConnectionError,
@@ -37,7 +38,8 @@ SEGMENT_KEYS = {
     "image_id": "image_id", "points": "points", "labels": "point_labels",
     "point_labels": "point_labels", "box": "box", "text": "text", "mode": "mode",
     "mask_format": "mask_format", "return_candidates": "return_candidates",
-    "return_text_mask": "return_text_mask",
+    "return_text_mask": "return_text_mask", "mask_input_id": "mask_input_id",
+    "mask_input": "mask_input", "logits": "logits", "multimask": "multimask",
 }
 
 
@@ -200,6 +202,8 @@ class BaseClient:
                 value = [int(v) for v in value]
             elif wire_key == "box":
                 value = [float(v) for v in value]
+            elif wire_key == "mask_input" and not isinstance(value, bytes):
+                value = logits_bytes(value)  # an LxL array of logits
             out[wire_key] = value
         return out
 
@@ -282,6 +286,14 @@ class BaseClient:
         if key is not None and key in plan.embed_errors:
             return BatchError(plan.embed_errors[key], index=i)
         return None
+
+
+def logits_bytes(logits: Any) -> bytes:
+    """LxL low-res logits (a numpy array or nested lists) -> the wire's float16 bytes."""
+    arr = np.asarray(logits, dtype="<f2")
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"mask_input must be LxL logits, got shape {list(arr.shape)}")
+    return arr.tobytes()
 
 
 def _our_error_body(body: Any) -> bool:

@@ -3,7 +3,7 @@
     biprompt serve [--config configs/serve/local-cpu.yaml]
     biprompt segment photo.jpg --point 420,310 --text "the dog on the left" --overlay o.png
     biprompt embed 'images/*.jpg'
-    biprompt batch requests.jsonl --out results.jsonl
+    biprompt batch requests.jsonl --out results.jsonl [--coco coco_results.json]
     biprompt eval shapes --n 500 --seed 12345 --json scores.json   (offline; full install only)
 
 `serve` and `eval` run the server side (python -m serving.launch, python -m biprompt.evaluate) in a
@@ -93,6 +93,11 @@ def cmd_serve(args) -> int:
 # --- segment --------------------------------------------------------------------------------
 
 
+def _is_image_id(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text) and \
+        not Path(text).exists()
+
+
 def cmd_segment(args) -> int:
     points = args.point or []
     labels = args.label if args.label else None
@@ -100,13 +105,19 @@ def cmd_segment(args) -> int:
         print(f"error: {len(labels)} --label for {len(points)} --point", file=sys.stderr)
         return 2
     with _client(args) as client:
-        res = client.segment(args.image, points=points or None, labels=labels, box=args.box,
+        # an image id instead of a file: a refinement click on an image the server has
+        image = None if _is_image_id(args.image) else args.image
+        res = client.segment(image, image_id=None if image else args.image,
+                             points=points or None, labels=labels, box=args.box,
                              text=args.text, mode=args.mode,
-                             return_candidates=args.candidates)
+                             return_candidates=args.candidates,
+                             mask_input_id=args.mask_input_id, logits="id")
     mask = res.mask
     if args.out:
         Image.fromarray(mask.astype(np.uint8) * 255).save(args.out)
-    if args.overlay:
+    if args.overlay and image is None:
+        print("note: --overlay needs the image file, not its id; skipped", file=sys.stderr)
+    elif args.overlay:
         from .images import load_image_array
         from .overlay import render_overlay
 
@@ -116,11 +127,12 @@ def cmd_segment(args) -> int:
         print(json.dumps(res.raw))
     else:
         agreement = "-" if res.agreement is None else f"{res.agreement:.3f}"
-        print(f"image_id {res.image_id}\n"
+        refine = f"\nlogits_id {res.logits_id} (refine: --mask-input-id)" if res.logits_id else ""
+        print(f"image_id {res.image_id}{refine}\n"
               f"selected {res.selected}  strategy {res.strategy}  agreement {agreement}\n"
               f"mask {int(mask.sum())} px of {mask.size}  cache {'hit' if res.cache_hit else 'miss'}"
               f"  {res.timings_ms.get('total', 0):.0f} ms")
-        for path in filter(None, (args.out, args.overlay)):
+        for path in filter(None, (args.out, args.overlay if image else None)):
             print(f"wrote {path}")
     return 0
 
@@ -174,6 +186,7 @@ def cmd_embed(args) -> int:
 
 _REQUEST_KEYS = {"image", "image_id", "points", "labels", "point_labels", "box", "text", "mode",
                  "mask_format", "return_candidates", "return_text_mask"}
+_COCO_KEYS = {"coco_image_id", "category_id"}  # for --coco only; never sent
 
 
 def read_requests(path: Path) -> list[dict]:
@@ -192,7 +205,7 @@ def read_requests(path: Path) -> list[dict]:
         if rid in seen:
             raise SystemExit(f"error: {path}:{n}: duplicate id {rid!r}")
         seen.add(rid)
-        unknown = set(rec) - _REQUEST_KEYS - {"id"}
+        unknown = set(rec) - _REQUEST_KEYS - _COCO_KEYS - {"id"}
         if unknown:
             raise SystemExit(f"error: {path}:{n}: unknown keys {sorted(unknown)}")
         if "image" in rec:
@@ -224,9 +237,12 @@ def done_ids(out: Path) -> set[str]:
 def result_line(rid: str, req: dict, result) -> dict:
     if result.ok:
         raw = result.raw
+        predicted = next((c.get("predicted_iou") for c in raw.get("candidates") or []
+                          if raw["selected"] is not None and c.get("index") == raw["selected"]),
+                         None)
         return {"id": rid, "ok": True, "image_id": raw["image_id"], "mask": raw["mask"],
-                "selected": raw["selected"], "strategy": raw["strategy"],
-                "agreement": raw["agreement"], "cache": raw["cache"],
+                "selected": raw["selected"], "predicted_iou": predicted,
+                "strategy": raw["strategy"], "agreement": raw["agreement"], "cache": raw["cache"],
                 "text_cache": raw.get("text_cache"), "timings_ms": raw.get("timings_ms", {})}
     exc = result.error
     return {"id": rid, "ok": False, "error": {
@@ -238,6 +254,8 @@ def result_line(rid: str, req: dict, result) -> dict:
 def cmd_batch(args) -> int:
     src, out = Path(args.requests), Path(args.out)
     reqs = read_requests(src)
+    if args.coco:
+        check_coco_requests(reqs)
     skip = done_ids(out)
     todo = [r for r in reqs if str(r["id"]) not in skip]
     print(f"batch: {len(reqs)} requests, {len(reqs) - len(todo)} already in {out}, "
@@ -251,13 +269,99 @@ def cmd_batch(args) -> int:
             counts["ok" if line["ok"] else "errors"] += 1
             counts["hits"] += line.get("cache") == "hit"
 
-        payloads = [{k: v for k, v in r.items() if k != "id"} for r in todo]
+        payloads = [{k: v for k, v in r.items() if k != "id" and k not in _COCO_KEYS}
+                    for r in todo]
         t0 = time.perf_counter()
         client.segment_many(payloads, concurrency=args.concurrency,
                             progress=not args.no_progress, on_result=write)
         stats = getattr(client, "last_batch_stats", {}) or {}
     print(summary(counts, stats, time.perf_counter() - t0, len(todo)), file=sys.stderr)
+    if args.coco:
+        n, mapping = write_coco(reqs, out, Path(args.coco))
+        ids = f"; image ids in {mapping}" if mapping else ""
+        print(f"coco: wrote {n} results to {args.coco}{ids}", file=sys.stderr)
     return 1 if counts["errors"] else 0
+
+
+# --- batch --coco ---------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_coco_requests(reqs: list[dict]) -> None:
+    """Before the batch runs: the masks must come back as COCO RLE (the segmentation is written
+    as the server sent it), and COCO ids must be integers, image ids on every line or none."""
+    for r in reqs:
+        fmt = r.get("mask_format", "rle")
+        if fmt != "rle":
+            raise SystemExit(f"error: --coco needs COCO RLE masks, but request {r['id']!r} sets "
+                             f"mask_format {fmt!r}: leave it out (rle is the default)")
+        for key in _COCO_KEYS & set(r):
+            if not _is_int(r[key]):
+                raise SystemExit(f"error: --coco: request {r['id']!r}: {key} must be an "
+                                 f"integer, got {r[key]!r}")
+    given = sum("coco_image_id" in r for r in reqs)
+    if 0 < given < len(reqs):
+        raise SystemExit(f"error: --coco: {given} of {len(reqs)} requests carry coco_image_id; "
+                         "give it on every line or on none (then images are numbered)")
+
+
+def coco_score(line: dict) -> float:
+    """SAM's predicted IoU of the selected candidate; the agreement when no candidate was
+    selected (text mode without a click); 1.0 when neither is known."""
+    for key in ("predicted_iou", "agreement"):
+        if line.get(key) is not None:
+            return float(line[key])
+    return 1.0
+
+
+def write_coco(reqs: list[dict], out: Path, path: Path) -> tuple[int, Path | None]:
+    """A COCO results file (what `COCO.loadRes` reads) from every successful line of `out`,
+    this run's and earlier ones', in request order. Image ids: each request's coco_image_id, or
+    1, 2, ... by the image (path or image_id, as the requests file names it) in order of first
+    appearance, written with file name, sha256 and size to `<stem>.images.json` beside `path`.
+    Returns (results written, that mapping file or None)."""
+    done: dict[str, dict] = {}
+    for text in out.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and line.get("ok"):
+            done[str(line.get("id"))] = line
+    numbered = not any("coco_image_id" in r for r in reqs)
+    images: dict[str, dict] = {}
+    results, not_rle = [], []
+    for r in reqs:
+        ref = str(r["image"] if "image" in r else r.get("image_id"))
+        if numbered and ref not in images:
+            images[ref] = {"id": len(images) + 1, "file_name": ref}
+        line = done.get(str(r["id"]))
+        if line is None:
+            continue
+        mask = line.get("mask")
+        if not (isinstance(mask, dict) and isinstance(mask.get("counts"), str)):
+            not_rle.append(str(r["id"]))
+            continue
+        h, w = (int(d) for d in mask["size"])
+        if numbered:
+            images[ref].update(sha256=line.get("image_id"), height=h, width=w)
+        results.append({"image_id": images[ref]["id"] if numbered else r["coco_image_id"],
+                        "category_id": r.get("category_id", 1),
+                        "segmentation": {"size": [h, w], "counts": mask["counts"]},
+                        "score": coco_score(line)})
+    if not_rle:
+        raise SystemExit(f"error: --coco: {len(not_rle)} results in {out} have no RLE mask "
+                         f"(ids {not_rle[:5]}; from a run with another mask_format?): run them "
+                         "again into a fresh --out")
+    path.write_text(json.dumps(results))
+    if not numbered:
+        return len(results), None
+    mapping = path.with_name(f"{path.stem}.images.json")
+    mapping.write_text(json.dumps({"images": list(images.values())}, indent=1))
+    return len(results), mapping
 
 
 def summary(counts: dict, stats: dict, seconds: float, n: int) -> str:
@@ -315,6 +419,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the mask as a PNG (0/255)")
     s.add_argument("--overlay", help="write the mask, points and text over the image as a PNG")
     s.add_argument("--candidates", action="store_true", help="also fetch the three candidates")
+    s.add_argument("--mask-input-id", metavar="ID", help="refine: the logits_id a previous call "
+                   "printed; give every click so far (--point/--label) and IMAGE as that call's "
+                   "image_id or file")
     s.add_argument("--json", action="store_true", help="print the full response as JSON")
     s.set_defaults(fn=cmd_segment)
 
@@ -328,6 +435,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("batch", help="run a JSONL file of requests; resumable")
     s.add_argument("requests", help='JSONL: {"id", "image" or "image_id", "points", "text", ...}')
     s.add_argument("--out", required=True, help="results JSONL (ids already there are skipped)")
+    s.add_argument("--coco", metavar="PATH",
+                   help="then also write a COCO results file (COCO.loadRes) of every ok line in "
+                        "--out: image_id from each line's \"coco_image_id\" (on every line or "
+                        "none; else images are numbered 1, 2, ... by first appearance, listed "
+                        "in PATH's <stem>.images.json), category_id from \"category_id\" "
+                        "(default 1), score = SAM's predicted IoU of the selected candidate "
+                        "(else the agreement, else 1). Needs RLE masks (the default mask_format)")
     s.add_argument("--concurrency", type=int, default=8)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_batch)

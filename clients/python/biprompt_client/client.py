@@ -99,12 +99,19 @@ class BiPromptClient(BaseClient):
                 labels: Sequence[int] | None = None, box: Sequence[float] | None = None,
                 text: str | None = None, mode: str = "biprompt", mask_format: str = "rle",
                 return_candidates: bool = False, return_text_mask: bool = False,
-                ) -> Segmentation:
-        """Segment one object; give `image` (path, bytes, PIL image, array) or `image_id`."""
+                mask_input_id: str | None = None, mask_input: Any = None,
+                logits: str = "none", multimask: bool | None = None) -> Segmentation:
+        """Segment one object; give `image` (path, bytes, PIL image, array) or `image_id`.
+
+        Refinement: send every click so far (`labels` 1 positive, 0 negative) with the previous
+        answer's `mask_input_id=prev.logits_id` (ask for it with `logits="id"`), or its
+        `mask_input=prev.logits` (with `logits="raw"`)."""
         payload = self._segment_payload(_segment_args(
             image, image_id=image_id, points=points, labels=labels, box=box, text=text,
             mode=mode, mask_format=mask_format, return_candidates=return_candidates,
-            return_text_mask=return_text_mask))
+            return_text_mask=return_text_mask, mask_input_id=mask_input_id,
+            mask_input=mask_input, logits=None if logits == "none" else logits,
+            multimask=multimask))
         return Segmentation.from_response(self._request("POST", "/v1/segment", payload))
 
     def embed_info(self, image: ImageInput) -> dict[str, Any]:
@@ -237,11 +244,14 @@ class AsyncBiPromptClient(BaseClient):
                       labels: Sequence[int] | None = None, box: Sequence[float] | None = None,
                       text: str | None = None, mode: str = "biprompt", mask_format: str = "rle",
                       return_candidates: bool = False, return_text_mask: bool = False,
-                      ) -> Segmentation:
+                      mask_input_id: str | None = None, mask_input: Any = None,
+                      logits: str = "none", multimask: bool | None = None) -> Segmentation:
         payload = self._segment_payload(_segment_args(
             image, image_id=image_id, points=points, labels=labels, box=box, text=text,
             mode=mode, mask_format=mask_format, return_candidates=return_candidates,
-            return_text_mask=return_text_mask))
+            return_text_mask=return_text_mask, mask_input_id=mask_input_id,
+            mask_input=mask_input, logits=None if logits == "none" else logits,
+            multimask=multimask))
         return Segmentation.from_response(await self._request("POST", "/v1/segment", payload))
 
     async def embed_info(self, image: ImageInput) -> dict[str, Any]:

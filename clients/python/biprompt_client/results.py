@@ -1,7 +1,7 @@
 """Result objects: a `Segmentation` per successful segment call, a `BatchError` per failed item.
 
-Masks are decoded lazily (on first access) from COCO RLE, PNG bytes (msgpack) or base64 PNG
-strings (JSON) into HxW bool arrays.
+Masks are decoded lazily (on first access) from COCO RLE, polygons, PNG bytes (msgpack) or base64
+PNG strings (JSON) into HxW bool arrays.
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import rle
 
-__all__ = ["BatchError", "Candidate", "Segmentation", "decode_mask"]
+__all__ = ["BatchError", "Candidate", "Segmentation", "decode_mask", "rasterize_polygons"]
 
 
 def decode_mask(value: Any) -> np.ndarray | None:
-    """A wire mask (RLE dict, PNG bytes or base64 PNG string, or None) -> HxW bool array."""
+    """A wire mask (RLE dict, polygons dict, PNG bytes or base64 PNG string, or None) -> HxW bool
+    array."""
     if value is None:
         return None
     if isinstance(value, Mapping):
-        return rle.decode(value)
+        return rasterize_polygons(value) if "polygons" in value else rle.decode(value)
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=True)
@@ -38,6 +39,61 @@ def decode_mask(value: Any) -> np.ndarray | None:
             arr = np.asarray(img.convert("L"))
         return arr > 0
     raise ValueError(f"unsupported mask value of type {type(value).__name__}")
+
+
+def rasterize_polygons(value: Mapping[str, Any]) -> np.ndarray:
+    """A polygon mask ({"size": [h, w], "polygons": [{"exterior", "holes"}, ...]}) -> HxW bool.
+
+    Vertices are pixel centres; a pixel is set when its centre lies inside or on a region's
+    exterior and neither inside nor on one of that region's holes (`schema.Polygons`). Each
+    region is drawn on its own, so islands inside holes need no particular order."""
+    try:
+        h, w = (int(d) for d in value["size"])
+        regions = list(value["polygons"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("polygon mask must have 'size' [h, w] and a 'polygons' list") from None
+    if h < 0 or w < 0:
+        raise ValueError(f"polygon mask 'size' must be non-negative, got {[h, w]}")
+    out = np.zeros((h, w), dtype=bool)
+    for region in regions:
+        try:
+            exterior = _ring(region["exterior"])
+            holes = [_ring(r) for r in region.get("holes") or []]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError("each polygon needs an 'exterior' [[x, y], ...] and optional "
+                             "'holes' [[[x, y], ...], ...]") from None
+        if not exterior:
+            continue
+        x0 = max(0, int(np.floor(min(x for x, _ in exterior))))
+        y0 = max(0, int(np.floor(min(y for _, y in exterior))))
+        x1 = min(w, int(np.ceil(max(x for x, _ in exterior))) + 1)
+        y1 = min(h, int(np.ceil(max(y for _, y in exterior))) + 1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        canvas = Image.new("L", (x1 - x0, y1 - y0))
+        draw = ImageDraw.Draw(canvas)
+        _draw_ring(draw, exterior, x0, y0, 1)
+        for hole in holes:
+            _draw_ring(draw, hole, x0, y0, 0)
+        out[y0:y1, x0:x1] |= np.asarray(canvas) > 0
+    return out
+
+
+def _ring(points: Any) -> list[tuple[float, float]]:
+    ring = [(float(x), float(y)) for x, y in points]
+    if not all(np.isfinite(v) for p in ring for v in p):
+        raise ValueError("polygon vertices must be finite")
+    return ring
+
+
+def _draw_ring(draw: ImageDraw.ImageDraw, ring: list[tuple[float, float]], x0: int, y0: int,
+               value: int) -> None:
+    """Fill the ring and its outline (inside or on counts), shifted into the region's crop."""
+    xy = [(x - x0, y - y0) for x, y in ring]
+    if len(xy) >= 3:
+        draw.polygon(xy, fill=value, outline=value)
+    elif xy:  # fewer than 3 vertices (not written by the server): a pixel or a run of pixels
+        draw.line(xy + xy[:1], fill=value)
 
 
 @dataclass(frozen=True)
@@ -73,9 +129,25 @@ class Segmentation:
         return decode_mask(self.raw.get("mask"))
 
     @property
+    def logits_id(self) -> str | None:
+        """With logits="id": the next click's `mask_input_id`."""
+        return self.raw.get("logits_id")
+
+    @cached_property
+    def logits(self) -> np.ndarray | None:
+        """With logits="raw": the mask's LxL low-res logits (float32), the next click's
+        `mask_input`."""
+        raw, side = self.raw.get("logits"), self.raw.get("logits_size")
+        if raw is None or side is None:
+            return None
+        if isinstance(raw, str):
+            raw = base64.b64decode(raw)
+        return np.frombuffer(raw, dtype="<f2").reshape(int(side), int(side)).astype(np.float32)
+
+    @property
     def rle(self) -> dict[str, Any] | None:
         m = self.raw.get("mask")
-        return dict(m) if isinstance(m, Mapping) else None
+        return dict(m) if isinstance(m, Mapping) and "counts" in m else None
 
     @cached_property
     def text_mask(self) -> np.ndarray | None:

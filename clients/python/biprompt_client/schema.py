@@ -28,7 +28,11 @@ MAX_WIRE_POINTS = 64
 MAX_NESTING_DEPTH = 32
 
 Mode = Literal["biprompt", "point", "text"]
-MaskFormat = Literal["rle", "png", "none"]
+LogitsReturn = Literal["none", "id", "raw"]
+LogitsId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="a server-side handle "
+                                "for an answer's low-res logits")]
+MAX_LOGITS_BYTES = 256 * 256 * 2  # SAM's 256x256 low-res logits in float16
+MaskFormat = Literal["rle", "polygon", "png", "none"]
 CacheState = Literal["hit", "miss"]
 ImageId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the image bytes")]
 Point = tuple[float, float]
@@ -43,7 +47,8 @@ class _Strict(BaseModel):
 _ONE_IMAGE = {"oneOf": [
     {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
     for name in ("image", "image_id")
-]}
+], "not": {"required": ["mask_input", "mask_input_id"], "properties": {  # at most one of them
+    name: {"not": {"type": "null"}} for name in ("mask_input", "mask_input_id")}}}
 
 
 class SegmentRequest(_Strict):
@@ -64,11 +69,27 @@ class SegmentRequest(_Strict):
     mask_format: MaskFormat = "rle"
     return_candidates: bool = Field(False, description="include the three candidate masks")
     return_text_mask: bool = Field(False, description="include the text model's mask")
+    # refinement clicks: the previous answer's low-res logits as SAM's mask_input
+    mask_input_id: LogitsId | None = Field(None, description="the `logits_id` of an earlier "
+                                           "answer on this image: its mask's low-res logits, "
+                                           "kept on the server for an hour")
+    mask_input: bytes | None = Field(None, max_length=MAX_LOGITS_BYTES, description="the "
+                                     "previous mask's low-res logits themselves: LxL float16, "
+                                     "little-endian, row-major (L = 256 for SAM; the reply's "
+                                     "`logits_size`); base64 in JSON, raw in msgpack")
+    logits: LogitsReturn = Field("none", description="the answer's low-res logits, for the next "
+                                 "click: 'id' keeps them on the server and returns `logits_id` "
+                                 "(a few bytes); 'raw' returns them in `logits`; 'none'")
+    multimask: bool | None = Field(None, description="SAM's three candidates (true) or its "
+                                   "single mask (false); default: three on a first click, and "
+                                   "on refinement what the mode's policy says (README)")
 
     @model_validator(mode="after")
     def _one_image(self) -> SegmentRequest:
         if (self.image is None) == (self.image_id is None):
             raise ValueError("give exactly one of `image` and `image_id`")
+        if self.mask_input is not None and self.mask_input_id is not None:
+            raise ValueError("give at most one of `mask_input` and `mask_input_id`")
         return self
 
 
@@ -94,7 +115,31 @@ class RLE(BaseModel):
     counts: str
 
 
-Mask = RLE | bytes  # rle -> RLE; png -> PNG bytes (base64 in JSON)
+class PolygonRegion(BaseModel):
+    """One 8-connected region of a polygon mask."""
+
+    exterior: list[Point] = Field(min_length=3, description="[[x, y], ...] pixel centres of the "
+                                  "region's outermost pixels, in order; not repeated at the end")
+    holes: list[Annotated[list[Point], Field(min_length=3)]] = Field(
+        default_factory=list, description="each [[x, y], ...] through the outermost pixels of a "
+        "hole (the background it cuts out)")
+
+
+class Polygons(BaseModel):
+    """A mask as simplified polygons with holes (mask_format "polygon"). Vertices are pixel
+    centres in image pixels (x right, y down: vertex (x, y) is the centre of column x, row y). A
+    pixel is in the mask when its centre lies inside or on some region's exterior and neither
+    inside nor on one of that region's holes; an island inside a hole is a region of its own.
+    Regions with fewer than 3 vertices (a lone pixel, a straight one-pixel-wide run) are left
+    out; the RLE format is lossless."""
+
+    size: tuple[int, int] = Field(description="[h, w], as in RLE")
+    polygons: list[PolygonRegion] = Field(description="one per region, largest first")
+    tolerance: float = Field(description="Douglas-Peucker tolerance in pixels: every traced "
+                             "boundary pixel centre lies within this of its simplified ring")
+
+
+Mask = RLE | Polygons | bytes  # rle -> RLE; polygon -> Polygons; png -> PNG bytes (base64 in JSON)
 
 
 class Candidate(BaseModel):
@@ -124,6 +169,11 @@ class SegmentResponse(BaseModel):
     text_mask: Mask | None = None
     cache: CacheState = Field(description="the image embedding: hit or miss")
     text_cache: CacheState | None = Field(None, description="the text mask: hit, miss or none")
+    logits_id: LogitsId | None = Field(None, description="with logits='id': name it as the next "
+                                       "click's `mask_input_id`")
+    logits: bytes | None = Field(None, description="with logits='raw': LxL float16 low-res "
+                                 "logits of the mask (base64 in JSON)")
+    logits_size: int | None = Field(None, description="L of those logits")
     timings_ms: dict[str, float] = Field(default_factory=dict)
     model: ModelIds
 

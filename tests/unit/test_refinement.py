@@ -1,0 +1,85 @@
+"""Refinement clicks in the core: SAM's mask_input and single-mask output, the clicker, the
+logits' cache format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from biprompt.cache import CacheFormatError, pack_logits, unpack_logits
+from biprompt.clicks import interior_point, iou, next_click
+from biprompt.errors import InvalidPromptError
+from biprompt.prompts import make_prompt, refinement_multimask
+
+
+def _scene():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 60, size=(96, 128, 3), dtype=np.uint8)
+    img[20:60, 30:90] = (200, 40, 40)
+    return img
+
+
+def test_a_refinement_click_reuses_the_embedding_and_takes_the_logits(tiny_pipeline):
+    emb = tiny_pipeline.embed(_scene())
+    first = tiny_pipeline.segment(emb, [[50, 40]], mode="point")
+    L = tiny_pipeline.decoder.logits_size
+    assert first.candidates.shape[0] == 3 and first.low_res_logits.shape == (L, L)
+    np.testing.assert_array_equal(
+        first.low_res_logits,
+        tiny_pipeline.decode_points(emb, [make_prompt(emb.original_size, [[50, 40]])])[0]
+        .low_res_logits[first.selected])
+    second = tiny_pipeline.segment(emb, [[50, 40], [10, 10]], [1, 0], mode="point",
+                                   mask_input=first.low_res_logits)
+    # point mode refines with SAM's single mask; the logits change the answer's input
+    assert second.candidates.shape[0] == 1 and second.low_res_logits.shape == (L, L)
+    without = tiny_pipeline.segment(emb, [[50, 40], [10, 10]], [1, 0], mode="point")
+    assert not np.array_equal(second.low_res_logits, without.low_res_logits)
+    three = tiny_pipeline.segment(emb, [[50, 40], [10, 10]], [1, 0], mode="point",
+                                  mask_input=first.low_res_logits, multimask=True)
+    assert three.candidates.shape[0] == 3
+
+
+def test_mask_input_of_the_wrong_size_is_refused(tiny_pipeline):
+    emb = tiny_pipeline.embed(_scene())
+    L = tiny_pipeline.decoder.logits_size
+    with pytest.raises(InvalidPromptError, match=f"{L}x{L}"):
+        tiny_pipeline.segment(emb, [[50, 40]], mode="point", mask_input=np.zeros((L + 4, L + 4)))
+    with pytest.raises(InvalidPromptError, match="square"):
+        make_prompt((96, 128), [[5, 5]], mask_input=np.zeros((4, 8)))
+    with pytest.raises(InvalidPromptError, match="NaN"):
+        make_prompt((96, 128), [[5, 5]], mask_input=np.full((8, 8), np.nan))
+
+
+def test_multimask_policy():
+    assert refinement_multimask("point", 1, False) is True  # a first click is ambiguous
+    assert refinement_multimask("point", 2, False) is False
+    assert refinement_multimask("point", 1, True) is False
+    assert make_prompt((9, 9), [[1, 1]]).multimask is True
+    assert make_prompt((9, 9), [[1, 1], [2, 2]], multimask=True).multimask is True
+
+
+def test_the_clicker_goes_to_the_largest_error_interior():
+    gt = np.zeros((40, 40), bool)
+    gt[5:25, 5:25] = True
+    pred = np.zeros_like(gt)
+    c = next_click(pred, gt)
+    assert c.positive and 13 <= c.x <= 16 and 13 <= c.y <= 16  # the square's centre
+    pred = gt.copy()
+    pred[30:38, 30:38] = True  # a false positive only
+    c = next_click(pred, gt)
+    assert not c.positive and 32 <= c.x <= 35 and 32 <= c.y <= 35
+    assert next_click(gt, gt) is None
+    # a region touching the border: its interior point keeps away from the border too
+    edge = np.zeros((20, 20), bool)
+    edge[:, :6] = True
+    assert interior_point(edge)[0] in (2, 3)
+    assert iou(gt, gt) == 1.0 and iou(gt, ~gt) == 0.0
+
+
+def test_logits_round_trip_through_the_cache_format():
+    logits = np.linspace(-8, 8, 64 * 64, dtype=np.float32).reshape(64, 64)
+    out, owner = unpack_logits(pack_logits(logits, "sam-x", "img1"), "sam-x")
+    assert owner == "img1" and out.dtype == np.float32
+    np.testing.assert_allclose(out, logits, atol=8 * 2**-10)  # float16 rounding at |x| <= 8
+    with pytest.raises(CacheFormatError):
+        unpack_logits(pack_logits(logits, "sam-x", "img1"), "sam-y")
