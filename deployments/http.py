@@ -188,7 +188,7 @@ def error_response(request: Request, err: BiPromptError, headers: dict | None = 
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
     if isinstance(err, UnauthorizedError):
-        headers["WWW-Authenticate"] = "Bearer"
+        headers["WWW-Authenticate"] = getattr(err, "challenge", "Bearer")
     media = reply_media(request)
     return Response(encode_body({"error": error_info(err, rid)}, media), err.status_code,
                     headers=headers, media_type=media)

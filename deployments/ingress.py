@@ -75,6 +75,7 @@ from deployments.http import (
     responses,
 )
 from deployments.isolation import log_retry, lost_replica
+from deployments.label_studio import LabelStudioBackend, parse_json
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -106,6 +107,9 @@ class Ingress:
         self.replica_retries = 0  # requests tried again because a model replica died under them
         self.embedding_lookups = {"hit": 0, "miss": 0}  # this replica's, by outcome
         self._tasks: set[asyncio.Task] = set()
+        self.label_studio = LabelStudioBackend.from_env(self.segment_one, self.info,
+                                                        max_image_bytes=self.max_body,
+                                                        api_key=self.api_key)
         self.clock.ready()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -130,6 +134,14 @@ class Ingress:
 
     async def _parse(self, request: Request, model):
         self._auth(request)
+        body = await self._body(request)
+        try:
+            return model.model_validate(decode_body(body, media_type(request.headers.get("content-type"))))
+        except (ValidationError, WireError) as exc:
+            raise as_api_error(exc) from None
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, read up to the body limit; never empty."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
             raise PayloadTooLargeError(f"body is {declared} bytes; the limit is {self.max_body}")
@@ -142,10 +154,7 @@ class Ingress:
         body = b"".join(chunks)
         if not body:
             raise InvalidInputError("empty body: send a JSON or msgpack object")
-        try:
-            return model.model_validate(decode_body(body, media_type(request.headers.get("content-type"))))
-        except (ValidationError, WireError) as exc:
-            raise as_api_error(exc) from None
+        return body
 
     def _reply(self, request: Request, obj: Any) -> Response:
         media = reply_media(request)
@@ -437,6 +446,33 @@ class Ingress:
         """Liveness and cache state; needs no API key."""
         ok = await self.cache.store.ping()
         return {"status": "ok", "cache": self.cache.store.describe(), "cache_ok": ok}
+
+    # --- Label Studio's ML backend protocol (deployments/label_studio.py) -------------------
+    # Label Studio's shapes, not ours: out of /openapi.json. Auth: LabelStudioBackend.authorize.
+
+    async def _label_studio_body(self, request: Request):
+        self.label_studio.authorize(request.headers.get("authorization"))
+        return parse_json(await self._body(request))
+
+    @api.post("/label-studio/predict", include_in_schema=False)
+    async def label_studio_predict(self, request: Request):
+        """Interactive pre-annotation: smart keypoints / rectangle / text -> a brush mask."""
+        body = await self._label_studio_body(request)
+        return await self.label_studio.predict(body, request.state.request_id)
+
+    @api.post("/label-studio/setup", include_in_schema=False)
+    async def label_studio_setup(self, request: Request):
+        return await self.label_studio.setup(await self._label_studio_body(request))
+
+    @api.post("/label-studio/webhook", include_in_schema=False)
+    async def label_studio_webhook(self, request: Request):
+        return self.label_studio.webhook(await self._label_studio_body(request))
+
+    @api.get("/label-studio/health", include_in_schema=False)
+    @api.get("/label-studio/", include_in_schema=False)
+    async def label_studio_health(self, request: Request):
+        self.label_studio.authorize(request.headers.get("authorization"))
+        return self.label_studio.health()
 
     async def _guard(self, awaitable):
         try:
