@@ -41,9 +41,12 @@ soak: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m serving.demo
 
-# Retrains the bundled ShapesRef demo model into models/demo (seeded; about 30-40 min on 2 cores).
+# Retrains the bundled ShapesRef demo model into models/demo (seeded; about 40 min on 2 cores),
+# then its refinement-click stage (biprompt/train/refine.py; about 10-25 min).
 train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out models/demo
+	$(PY) -m biprompt.train.refine --model models/demo --full --steps 600 --images 6 \
+		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
 
 # Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes
 # a few minutes on 2 cores; bench runs more requests per row.

@@ -83,3 +83,30 @@ def test_logits_round_trip_through_the_cache_format():
     np.testing.assert_allclose(out, logits, atol=8 * 2**-10)  # float16 rounding at |x| <= 8
     with pytest.raises(CacheFormatError):
         unpack_logits(pack_logits(logits, "sam-x", "img1"), "sam-y")
+
+
+def test_the_refinement_stage_trains_only_what_a_first_click_never_uses(tmp_path):
+    """The frozen stage (no --full) changes the single-mask path and keeps first clicks bit for
+    bit (main raises if they moved); --full trains the decoder too."""
+    import shutil
+
+    import torch
+
+    from biprompt.train import refine
+
+    shutil.copy("models/demo/sam_demo.pth", tmp_path / "sam_demo.pth")
+    before = torch.load(tmp_path / "sam_demo.pth")
+    small = ["--model", str(tmp_path), "--steps", "2", "--images", "1", "--prompts", "2",
+             "--max-clicks", "2", "--warmup", "1", "--lr", "1e-2"]
+    refine.main(small)
+    after = torch.load(tmp_path / "sam_demo.pth")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("prompt_encoder.mask_downscaling",
+                                         "prompt_encoder.point_embeddings.0",
+                                         "mask_decoder.output_hypernetworks_mlps.0",
+                                         "mask_decoder.iou_prediction_head.layers.2"))
+                           for k in changed), sorted(changed)
+    refine.main([*small, "--full"])
+    full = torch.load(tmp_path / "sam_demo.pth")
+    assert not torch.equal(after["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"],
+                           full["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"])
