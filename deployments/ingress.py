@@ -57,6 +57,7 @@ from biprompt.config import LOGITS_TTL_S, MAX_POINTS, MAX_TEXT_TOKENS
 from biprompt.config import MAX_TEXT_CHARS as MODEL_TEXT_CHARS
 from biprompt.errors import (
     InvalidInputError,
+    InvalidPromptError,
     NotFoundError,
     PayloadTooLargeError,
     UnauthorizedError,
@@ -311,7 +312,7 @@ class Ingress:
             n = len(req.mask_input) // 2
             side = int(round(n ** 0.5))
             if len(req.mask_input) % 2 or side * side != n:
-                raise InvalidInputError(f"mask_input is {len(req.mask_input)} bytes: send LxL "
+                raise InvalidPromptError(f"mask_input is {len(req.mask_input)} bytes: send LxL "
                                         "float16 logits (2 x L x L bytes, L = logits_size)")
             return np.frombuffer(req.mask_input, dtype="<f2").reshape(side, side)
         if req.mask_input_id is None:
@@ -327,7 +328,7 @@ class Ingress:
             raise NotFoundError(f"mask_input_id {req.mask_input_id} holds no logits this model "
                                 "reads; send the logits themselves") from None
         if owner != img_id:
-            raise InvalidInputError(f"mask_input_id {req.mask_input_id} belongs to another image")
+            raise InvalidPromptError(f"mask_input_id {req.mask_input_id} belongs to another image")
         return logits
 
     async def _logits_out(self, logits, want: str, img_id: str, info: dict) -> dict:

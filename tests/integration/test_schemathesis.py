@@ -137,7 +137,7 @@ def test_schemathesis_against_the_live_app(main_url):
                 rejected = [s for s in seen if s not in CONTENT_REFUSALS]
                 if rejected:
                     failures.append(f"{label}: valid by the schema, refused {rejected}: "
-                                    f"{response.text[:300]} for {str(case.body)[:300]}")
+                                    f"{response.content[:300]!r} for {str(case.body)[:300]}")
             elif response.status_code < 400 and not seen:
                 failures.append(f"{label}: invalid by the schema, accepted "
                                 f"{response.status_code} for {str(case.body)[:300]}")
