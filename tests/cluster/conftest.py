@@ -215,13 +215,16 @@ def watch(app_url):
     w.stop()
 
 
-def all_stats(deployment: str, expected: int, max_calls: int = 60) -> dict[str, dict]:
+def all_stats(deployment: str, expected: int, timeout_s: float = 30.0) -> dict[str, dict]:
     """stats() of each of `expected` replicas, by replica id: asked until every one answered
-    (Serve routes each call to one replica of its choice)."""
+    (Serve routes each call to one replica of its choice, and this driver's router learns of a
+    new replica a moment after Serve reports it running)."""
     seen: dict[str, dict] = {}
-    for _ in range(max_calls):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         s = stats(deployment)
         seen[s["replica_id"]] = s
         if len(seen) >= expected:
             return seen
+        time.sleep(0.05)
     raise AssertionError(f"{deployment}: {len(seen)} of {expected} replicas answered stats()")

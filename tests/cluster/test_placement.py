@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from biprompt_client import BiPromptClient
 
-from tests.cluster.conftest import all_stats, replica_actors
+from tests.cluster.conftest import all_stats, replica_actors, wait_until
 from tests.support.scenes import png_bytes, scene
 
 pytestmark = pytest.mark.cluster
@@ -14,6 +14,8 @@ pytestmark = pytest.mark.cluster
 def test_replicas_land_where_placed(app_url, cluster):
     head = cluster.head_node.node_id
     workers = {n.node_id for n in cluster.worker_nodes}
+    # after the fault tests a replaced node's replicas may still be starting
+    wait_until(lambda: len(replica_actors("TextMask")) == 2, 120, "two TextMask replicas")
     text = replica_actors("TextMask")
     assert len(text) == 2 and {a.node_id for a in text} == workers  # one on each worker
     assert {a.node_id for a in replica_actors("Ingress")} == {head}
