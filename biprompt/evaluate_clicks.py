@@ -12,7 +12,10 @@ low-res logits as SAM's mask_input; no encoder pass. Methods:
 - BiPrompt, then single mask: click 1 is BiPrompt (the text picks among the three candidates,
   the served rule), later clicks as point-only;
 - BiPrompt, text votes on every click: later clicks keep three candidates and the text mask
-  (computed once) picks among them, as on the first.
+  (computed once) picks among them, as on the first;
+- oracle: on every click, whichever of SAM's four outputs (three candidates and the single mask)
+  has the highest IoU with the ground truth. Not a method: the ceiling of any selection policy on
+  this model (the one-click table's oracle row, for clicks).
 Reported: NoC@85 / NoC@90 (clicks to reach that IoU, `max_clicks` if never), the share never
 reaching 90%, and mIoU after each click.
 """
@@ -27,9 +30,12 @@ from biprompt.clicks import iou, next_click
 from biprompt.data.shapes_ref import make_samples
 from biprompt.join import join
 from biprompt.prompts import make_prompt
+from biprompt.selection import mask_ious
+from biprompt.types import PointCandidates
 
 POINT, BI_SINGLE, BI_VOTE = "point-only", "BiPrompt, then single mask", "BiPrompt, text votes"
-METHODS = (POINT, BI_SINGLE, BI_VOTE)
+ORACLE = "oracle (best of SAM's outputs)"
+METHODS = (POINT, BI_SINGLE, BI_VOTE, ORACLE)
 THRESHOLDS = (0.85, 0.90)
 
 
@@ -41,6 +47,8 @@ def run_sample(pipeline, sample, emb, method: str, max_clicks: int, text_mask) -
     mode = "point" if method == POINT else "biprompt"
     experts = {"text": text_mask if mode == "biprompt" else None}
     prompt = make_prompt(emb.original_size, points, labels, text=sample.expression, mode=mode)
+    if method == ORACLE:
+        return _oracle_curve(pipeline, emb, gt, prompt, max_clicks)
     res = join(pipeline.decode_points(emb, [prompt])[0], experts, mode,
                pipeline.agreement_threshold)
     mask, logits = res.mask, res.low_res_logits
@@ -61,6 +69,32 @@ def run_sample(pipeline, sample, emb, method: str, max_clicks: int, text_mask) -
                    pipeline.agreement_threshold)
         mask, logits = res.mask, res.low_res_logits
         out.append(iou(mask, gt))
+    return out
+
+
+def _oracle_curve(pipeline, emb, gt, prompt, max_clicks: int) -> list[float]:
+    """The ORACLE row: at each click the output closest to the ground truth, refined from."""
+    points, labels = [list(p) for p in prompt.points], list(prompt.labels)
+    cands = pipeline.decode_points(emb, [prompt])[0]
+    out = []
+    for click in range(max_clicks):
+        k = int(np.argmax(mask_ious(cands.masks, gt)))
+        mask, logits = cands.masks[k], cands.low_res_logits[k]
+        out.append(iou(mask, gt))
+        if click == max_clicks - 1:
+            break
+        c = next_click(mask, gt)
+        if c is None:
+            out += [out[-1]] * (max_clicks - 1 - click)
+            break
+        points.append([c.x, c.y])
+        labels.append(int(c.positive))
+        both = [make_prompt(emb.original_size, points, labels, mode="point", mask_input=logits,
+                            multimask=m) for m in (False, True)]
+        single, three = pipeline.decode_points(emb, both)
+        cands = PointCandidates(np.concatenate([single.masks, three.masks]),
+                             np.concatenate([single.scores, three.scores]),
+                             np.concatenate([single.low_res_logits, three.low_res_logits]))
     return out
 
 

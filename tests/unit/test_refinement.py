@@ -110,3 +110,26 @@ def test_the_refinement_stage_trains_only_what_a_first_click_never_uses(tmp_path
     full = torch.load(tmp_path / "sam_demo.pth")
     assert not torch.equal(after["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"],
                            full["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"])
+
+
+def test_noc_counts_clicks_to_a_threshold_and_max_clicks_when_never():
+    from biprompt.evaluate_clicks import noc
+
+    curves = np.array([[0.5, 0.86, 0.91, 0.95], [0.92, 0.8, 0.8, 0.8], [0.1, 0.2, 0.3, 0.4]])
+    assert noc(curves, 0.90).tolist() == [3, 1, 4]
+    assert noc(curves, 0.85).tolist() == [2, 1, 4]
+
+
+def test_the_clicks_protocol_reports_every_method_and_the_oracle_bounds_the_first_click(
+        tiny_pipeline):
+    from biprompt.evaluate_clicks import METHODS, ORACLE, evaluate_clicks, format_table
+
+    result = evaluate_clicks(tiny_pipeline, n=4, seed=3, height=128, width=128, max_clicks=5)
+    assert set(result["methods"]) == set(METHODS)
+    first = {m: r["all"]["miou_per_click"][0] for m, r in result["methods"].items()}
+    # click 1 is a choice among the same three candidates; the oracle takes the best of them
+    assert all(first[ORACLE] >= v - 1e-9 for v in first.values()), first
+    for r in result["methods"].values():
+        assert len(r["all"]["miou_per_click"]) == 5
+        assert 1 <= r["all"]["noc@90"] <= 5 and 0 <= r["all"]["never@90"] <= 1
+    assert ORACLE in format_table(result)
