@@ -43,6 +43,11 @@ __all__ = [
 # of vit_b, 9 windows of 196 tokens with all 12 heads in a windowed one. Measured best among
 # 64 to 4096 queries and 1 to 12 heads on a 2-core Xeon.
 BIAS_ELEMENTS = 1024 * 4096
+# Off the CPU (CUDA) the cache argument does not hold: one SDPA call per attention with the whole
+# bias (memory-efficient kernel, fewest launches) is the variant we expect to be faster, and the
+# one used until `benchmarks/gpu.py` has measured it against the blocked one on a real GPU.
+# Budgets by device type other than "cpu" (which takes BIAS_ELEMENTS); absent: the whole bias.
+BIAS_ELEMENTS_BY_DEVICE: dict[str, int] = {}
 # Tokens per MLP step: 2048 x 3072 hidden floats = 25 MB (best of 256 to 4096 measured).
 MLP_TOKENS = 2048
 # Tokens per qkv GEMM (1024: about 10% faster than one 4096-row GEMM).
@@ -70,14 +75,15 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     and a block of queries."""
     b, heads, n, c = q.shape
     out = q.new_empty(b, n, heads, c)
+    budget = bias_budget(q.device)
     if not attn.use_rel_pos:
         out.copy_(F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2))
         return out
     rel_h, rel_w = _rel_factors(attn, q, h, w)
     per_head = n * n
-    items = max(1, BIAS_ELEMENTS // (per_head * heads))
-    head_step = heads if items > 1 else max(1, min(heads, BIAS_ELEMENTS // per_head))
-    rows = n if head_step > 1 or per_head <= BIAS_ELEMENTS else max(1, BIAS_ELEMENTS // n)
+    items = max(1, budget // (per_head * heads))
+    head_step = heads if items > 1 else max(1, min(heads, budget // per_head))
+    rows = n if head_step > 1 or per_head <= budget else max(1, budget // n)
     items = min(items, b)
     buf = q.new_empty(items, head_step, rows, h, w)
     for i in range(0, b, items):
@@ -95,6 +101,15 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                 )
                 out[i:i2, r:r2, j:j2].copy_(y.transpose(1, 2))
     return out
+
+
+def bias_budget(device: torch.device) -> int:
+    """Bias logits per SDPA call on `device`: BIAS_ELEMENTS on the CPU, else
+    BIAS_ELEMENTS_BY_DEVICE's entry, else unbounded (read at call time, so a test or benchmark
+    may change either)."""
+    if device.type == "cpu":
+        return BIAS_ELEMENTS
+    return BIAS_ELEMENTS_BY_DEVICE.get(device.type, 1 << 62)
 
 
 def fast_attention_forward(attn: Attention, x: torch.Tensor) -> torch.Tensor:

@@ -261,3 +261,12 @@ def test_encoder_without_qkv_bias_matches_reference():
     _randomize_positional(enc)
     ref, fast = _ref_and_fast(enc.eval(), torch.randn(1, 3, 128, 128))  # 16x16 tokens, pad 4
     assert (fast - ref).abs().max().item() <= ATOL
+
+
+def test_the_bias_budget_is_the_cache_bound_on_cpu_and_unbounded_elsewhere(monkeypatch):
+    from biprompt.models import fast_attention
+
+    assert fast_attention.bias_budget(torch.device("cpu")) == fast_attention.BIAS_ELEMENTS
+    assert fast_attention.bias_budget(torch.device("meta")) >= 2**40
+    monkeypatch.setitem(fast_attention.BIAS_ELEMENTS_BY_DEVICE, "meta", 1234)
+    assert fast_attention.bias_budget(torch.device("meta")) == 1234
