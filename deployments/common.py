@@ -84,7 +84,19 @@ def replica_stats(clock: ReplicaClock, engine=None, **counts) -> dict:
     holds (bytes by part)."""
     weights = engine.weights() if engine is not None and hasattr(engine, "weights") else {}
     return {**counts, "torch_threads": torch.get_num_threads(), "process": clock.stats(),
-            **replica_identity(), "weights": weights}
+            **replica_identity(), "weights": weights, "gpu": gpu_stats()}
+
+
+def gpu_stats() -> dict | None:
+    """This process's CUDA memory (MiB: peak and current allocated, reserved), or None when it
+    has not used CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    mib = 2**20
+    return {"device": torch.cuda.get_device_name(),
+            "peak_mb": torch.cuda.max_memory_allocated() / mib,
+            "allocated_mb": torch.cuda.memory_allocated() / mib,
+            "reserved_mb": torch.cuda.memory_reserved() / mib}
 
 
 @cache
