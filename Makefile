@@ -38,8 +38,9 @@ SOAK_S ?= 600
 soak: $(STAMP)
 	SOAK_S=$(SOAK_S) $(PY) -m benchmarks.soak $(SOAK_ARGS)
 
+# Prints the web page's URL (/demo/); SERVE=1 keeps the app up after the samples, until Ctrl-C.
 demo: $(STAMP)
-	$(PY) -m serving.demo
+	$(PY) -m serving.demo $(if $(SERVE),--serve) $(DEMO_ARGS)
 
 # Retrains the bundled ShapesRef demo model into models/demo (seeded; about 40 min on 2 cores),
 # then its refinement-click stage (biprompt/train/refine.py; about 10-25 min).

@@ -79,11 +79,15 @@ from deployments.isolation import log_retry, lost_replica
 from deployments.label_studio import LabelStudioBackend, parse_json
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
+from deployments.web import add_demo_page
 
 
 async def _settled(value):
     """`value`, awaited if it is a model's pending answer (a DeploymentResponse)."""
     return await value if inspect.isawaitable(value) else value
+
+
+add_demo_page(api)  # GET / and /demo/: the web page (deployments/web), public like /docs
 
 
 # NOTE: serve.ingress must run where the class is defined: it rewrites the routes registered on

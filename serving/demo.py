@@ -1,6 +1,8 @@
 """`make demo`: the whole product on this machine. It starts the Serve app (local Ray, in-process
-cache, the bundled ShapesRef demo model), sends a few dozen ShapesRef samples through the Python
-SDK, and writes overlays and the accuracy table under out/demo/. Then it shuts everything down.
+cache, the bundled ShapesRef demo model), prints the URL of its web page (`/demo/`), sends a few
+dozen ShapesRef samples through the Python SDK, and writes overlays and the accuracy table under
+out/demo/. Then it shuts everything down, unless `--serve` (`make demo SERVE=1`) keeps the app
+up until Ctrl-C; `--n 0` skips the samples.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -73,17 +77,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-url", default=os.environ.get("BIPROMPT_CACHE_URL"),
                     help="redis://... (default: the in-process cache)")
     ap.add_argument("--out", default="out/demo")
+    ap.add_argument("--serve", action="store_true",
+                    help="keep serving (the API and the page) until Ctrl-C")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     url, up_s = start_app(Path(args.profile), args.cache_url)
+    # NOTE: after ray.init, which sets handlers of its own. Ctrl-C and SIGTERM both unwind
+    # through stop_app, also where SIGINT came in ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"Serve app up at {url} in {up_s:.1f} s (profile {Path(args.profile).name})")
+    print(f"Try it in a browser: {url}/demo/"
+          + ("" if args.serve else "  (make demo SERVE=1 keeps it up until Ctrl-C)"), flush=True)
+    result = None
     try:
-        t = time.perf_counter()
-        result = run(url, args.n, args.seed, args.per_scene, out)
-        result["seconds"] = round(time.perf_counter() - t, 2)
+        if args.n > 0:
+            t = time.perf_counter()
+            result = run(url, args.n, args.seed, args.per_scene, out)
+            result["seconds"] = round(time.perf_counter() - t, 2)
+            report(result, out)
+        if args.serve:
+            print(f"Serving {url}/demo/ until Ctrl-C", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
     finally:
         stop_app()
+    return 0 if result is not None or args.n <= 0 else 1
+
+
+def report(result: dict, out: Path) -> None:
     table = format_table(result)
     (out / "accuracy.md").write_text(table + "\n")
     (out / "accuracy.json").write_text(json.dumps(result, indent=2))
@@ -92,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{c['items']} requests over {c['images']} images in {result['seconds']} s: "
           f"{c['embed_calls']} encoder passes, {c['cache_hits']} cache hits")
     print(f"wrote {out / 'overlays.png'}, {out / 'overlays'}/*.png, {out / 'accuracy.md'}, "
-          f"{out / 'accuracy.json'}")
-    return 0
+          f"{out / 'accuracy.json'}", flush=True)
 
 
 if __name__ == "__main__":
