@@ -42,6 +42,23 @@ def _ms(stats: dict, key: str) -> str:
     return _f(stats.get(key)) if stats else "-"
 
 
+def _overhead_parts(demo: dict) -> list[str]:
+    """Where the demo-scale overhead goes (medians per part, warm, concurrency 1)."""
+    lines = []
+    for key, how in (("concurrency_1", "through the proxy"),
+                     ("concurrency_1_direct", "direct ingress")):
+        parts = demo.get(key, {}).get("overhead_parts_ms")
+        if parts:
+            lines.append(f"Overhead {how}, by part (medians, ms): "
+                         + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts.items())
+                         + ".")
+    if lines:
+        lines += ["(HTTP/proxy: client latency minus the Ingress's own total; Ingress: its total "
+                  "minus the cache and its waits on the models and the Selector; hops: each "
+                  "wait minus the compute the replica reports.)", ""]
+    return lines
+
+
 def ratios(r: dict) -> dict:
     served, naive, enc = r["served"], r["naive"], r["encoder"]
     vitb, demo = served["vitb"], served["demo"]
@@ -120,6 +137,7 @@ def render(r: dict) -> str:
         + ", ".join(f"{k}: {v}" for k, v in rat["many_passes"].items())
         + f" | {TARGETS['many_passes']} | {_met('many_passes', rat['many_passes'])} |",
         "",
+        *_overhead_parts(r["served"]["demo"]),
         f"At demo scale a cold request costs {rat['demo_cold_vs_naive']:.2f}x the naive "
         "pipeline: there the models are so small that serving hops, not the encoder, dominate.",
         "",

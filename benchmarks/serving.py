@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import socket
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,21 @@ from PIL import Image
 from benchmarks.stats import summary
 from biprompt.data.shapes_ref import generate_scene, sample_from_scene
 from deployments.driver import DriverCalls, apply_serve_env
+
+
+def breakdown_ms(latency_ms: float, t: dict) -> dict:
+    """Where a request's time went outside the models: the HTTP path to and from the Ingress
+    (client, Serve's proxy, body coding), the Ingress's own work, the cache, and the hops to the
+    models and the Selector (each wait minus the compute the replica reports)."""
+    total = t.get("total", 0.0)
+    models = max(t.get("point_decoder", 0.0), t.get("text_model", 0.0))
+    waits = t.get("models_wait", 0.0) + t.get("selector_wait", 0.0)
+    return {"http_proxy": latency_ms - total,
+            "ingress": total - waits - t.get("cache", 0.0) - t.get("image_decode", 0.0)
+            - (t.get("encoder", 0.0) if t.get("encoder") else 0.0),
+            "cache": t.get("cache", 0.0),
+            "model_hops": t.get("models_wait", 0.0) - models,
+            "selector_hop": t.get("selector_wait", 0.0) - t.get("selector", 0.0)}
 
 
 def model_ms(t: dict) -> float:
@@ -100,8 +116,11 @@ class Bench:
         seconds = time.perf_counter() - t0
         lat = [ms for ms, _ in out]
         over = [ms - model_ms(r.timings_ms) for ms, r in out]
+        parts = [breakdown_ms(ms, r.timings_ms) for ms, r in out]
         return {"latency_ms": summary(lat), "overhead_ms": summary(over),
                 "model_ms": summary([model_ms(r.timings_ms) for _, r in out]),
+                "overhead_parts_ms": {k: statistics.median(p[k] for p in parts)
+                                      for k in parts[0]},
                 "throughput_rps": len(out) / seconds, "seconds": seconds,
                 "encoder_passes": self.encoder_images() - before,
                 "cache_hit_rate": sum(r.cache_hit for _, r in out) / len(out),

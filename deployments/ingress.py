@@ -279,6 +279,7 @@ class Ingress:
         # failure is ours to see, and segment_one retries it. In the throughput-optimized mode
         # the router awaited those arguments in this replica anyway.
         emb = await _settled(emb)
+        t_models = time.perf_counter()
         points = None
         if len(prompt.points) or prompt.box is not None:
             points = self.decoder.remote(emb, prompt)
@@ -292,9 +293,15 @@ class Ingress:
                 "return_candidates": req.return_candidates,
                 "return_text_mask": req.return_text_mask, "logits": req.logits}
         points, text = await asyncio.gather(_settled(points), _settled(text))
+        t_selector = time.perf_counter()
         # experts go as keyword arguments: a new expert is one more keyword, the Selector's
         # signature stays
         out = await self.selector.remote(points, spec, text=text)
+        # where a request's time goes between the deployments: the wall time this replica waited
+        # for the models (from dispatch to both answers) and for the Selector, next to the compute
+        # each reports (point_decoder, text_model, selector): the rest is hops and queues
+        timings["models_wait"] = (t_selector - t_models) * 1000.0
+        timings["selector_wait"] = (time.perf_counter() - t_selector) * 1000.0
         if cache_state == "miss":
             header = embedding_header(emb)
             timings["encoder"] = header.get("encode_ms", 0.0)

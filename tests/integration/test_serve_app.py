@@ -115,6 +115,10 @@ def test_second_request_is_a_cache_hit_and_skips_the_encoder(main_url, redis_srv
     second = post(f"{main_url}/v1/segment", {"image": data, "points": [[30, 40]]}).json()
     assert second["cache"] == "hit" and "encoder" not in second["timings_ms"]
     assert stats("main", "ImageEncoder")["images"] == before
+    # the Ingress's waits on the models and the Selector cover their compute (the rest: hops)
+    t = second["timings_ms"]
+    assert t["models_wait"] >= t["point_decoder"] and t["selector_wait"] >= t["selector"]
+    assert t["total"] >= t["models_wait"] + t["selector_wait"]
     # the embedding lives in Redis under the documented key, in the documented format
     blob = redis_srv.client().get(embedding_key(first["model"]["sam"], first["image_id"]))
     assert unpack_embedding(blob).embedding.dtype == torch.float16

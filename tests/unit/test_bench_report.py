@@ -94,3 +94,15 @@ def test_new_text_prompts_never_repeat_an_expression_on_an_image():
         assert 0 <= x < 256 and 0 <= y < 256
     assert len(texts) == len(set(texts)) == len(used) >= 2
     assert used == set(scene.expressions)
+
+
+def test_the_overhead_is_split_by_part_and_reported(results):
+    from benchmarks.serving import breakdown_ms
+
+    t = {"total": 15.0, "cache": 0.5, "point_decoder": 2.0, "text_model": 1.0,
+         "models_wait": 6.0, "selector": 1.0, "selector_wait": 4.0}
+    parts = breakdown_ms(24.0, t)
+    assert parts == pytest.approx({"http_proxy": 9.0, "ingress": 4.5, "cache": 0.5,
+                                   "model_hops": 4.0, "selector_hop": 3.0})
+    results["served"]["demo"]["concurrency_1"]["overhead_parts_ms"] = parts
+    assert "Overhead through the proxy, by part (medians, ms): http proxy 9.0" in render(results)
