@@ -74,7 +74,12 @@ def official_sam(source: str) -> OfficialSam | None:
 
 
 def fetch_official_sam(entry: OfficialSam, directory: Path | None = None) -> Path:
-    """The official checkpoint, from the cache or downloaded, verified by size and sha256."""
+    """The official checkpoint, from the cache or downloaded, verified by size and sha256.
+
+    Replicas starting together on one node (encoder, decoder, text model) may all ask for it at
+    once: a file lock beside the target makes one of them download while the others wait, then
+    find it cached. Each download goes to a temporary file of its own, renamed into place only
+    once verified, so no reader ever sees a partial checkpoint."""
     directory = directory or cache_dir()
     target = directory / entry.filename
     if target.is_file():
@@ -83,25 +88,37 @@ def fetch_official_sam(entry: OfficialSam, directory: Path | None = None) -> Pat
            f"or place it at {target}")
     if _offline():
         raise WeightsUnavailableError(f"{entry.filename} is not cached and HF_HUB_OFFLINE is set: {how}")
-    import urllib.request
+    from filelock import FileLock
 
     directory.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    locks = directory / ".locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / (entry.filename + ".lock"))):
+        if target.is_file():  # another process finished it while this one waited
+            return target
+        _download(entry, target, how)
+    return target
+
+
+def _download(entry: OfficialSam, target: Path, how: str) -> None:
+    import tempfile
+    import urllib.request
+
+    fd, name = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".partial", dir=target.parent)
+    partial = Path(name)
     try:
-        with urllib.request.urlopen(entry.url, timeout=20) as resp, open(partial, "wb") as out:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=20) as resp:
             while block := resp.read(1 << 22):
                 out.write(block)
+        digest = sha256_file(partial)
+        if partial.stat().st_size != entry.size or digest != entry.sha256:
+            raise WeightsUnavailableError(f"{entry.filename} failed verification (sha256 "
+                                          f"{digest}, expected {entry.sha256}): {how}")
+        os.replace(partial, target)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise WeightsUnavailableError(f"could not download {entry.filename} ({exc}): {how}") from None
-    digest = sha256_file(partial)
-    if partial.stat().st_size != entry.size or digest != entry.sha256:
+    finally:
         partial.unlink(missing_ok=True)
-        raise WeightsUnavailableError(
-            f"{entry.filename} failed verification (sha256 {digest}, expected {entry.sha256}): {how}"
-        )
-    partial.rename(target)
-    return target
 
 
 def resolve_file(source: str | os.PathLike, filename: str | None = None) -> Path:

@@ -71,4 +71,42 @@ def test_download_is_verified_by_sha256(tmp_path, monkeypatch):
     bad = OfficialSam("fake", src.as_uri(), len(payload), "0" * 64)
     with pytest.raises(WeightsUnavailableError, match="failed verification"):
         fetch_official_sam(bad, tmp_path / "other")
-    assert not list((tmp_path / "other").iterdir())  # nothing half-written left behind
+    # nothing half-written left behind (the lock files stay, as Hugging Face's do)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == [".locks"]
+
+
+def test_replicas_starting_together_download_once(tmp_path, monkeypatch):
+    """Encoder, decoder and text replicas on one node all ask for the checkpoint at once: one
+    downloads, the others wait on the lock and find it cached."""
+    import threading
+    import urllib.request
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    src = tmp_path / "sam_fake_654321.pth"
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    src.write_bytes(payload)
+    entry = OfficialSam("fake", src.as_uri(), len(payload), hashlib.sha256(payload).hexdigest())
+    opened, real = [], urllib.request.urlopen
+
+    def counting(url, *a, **kw):
+        opened.append(url)
+        return real(url, *a, **kw)
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting)
+    start, got, errors = threading.Barrier(4), [], []
+
+    def fetch():
+        start.wait()
+        try:
+            got.append(fetch_official_sam(entry, tmp_path / "cache"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(got) == 4 and len(set(got)) == 1
+    assert got[0].read_bytes() == payload and len(opened) == 1
+    assert not list((tmp_path / "cache").glob("*.partial"))
