@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biprompt.data.shapes_ref import make_samples
+from biprompt.data import shapes_ref, shapes_ref_b
 from biprompt.metrics import Scores
 from biprompt.selection import select
 
@@ -67,6 +67,10 @@ def method_masks(result, gt_mask: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+# ShapesRef scene generators: ours, and a second one written from the spec alone
+GENERATORS = {"a": shapes_ref.make_samples, "b": shapes_ref_b.make_samples}
+
+
 def evaluate_shapes(
     pipeline,
     n: int = 500,
@@ -74,11 +78,15 @@ def evaluate_shapes(
     height: int = 256,
     width: int = 256,
     progress: bool = False,
+    generator: str = "a",
 ) -> dict:
-    """Score every method on the first `n` ShapesRef samples of `seed`; a JSON-able dict."""
+    """Score every method on the first `n` ShapesRef samples of `seed` from `generator` (a: ours,
+    b: biprompt.data.shapes_ref_b); a JSON-able dict."""
     if pipeline.text is None:
         raise ValueError("evaluating ShapesRef needs a pipeline with a text model")
-    samples = make_samples(n, seed, height, width)
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; use one of {sorted(GENERATORS)}")
+    samples = GENERATORS[generator](n, seed, height, width)
     scores = {m: {s: Scores() for s in SUBSETS} for m in METHODS}
     strategies: Counter[str] = Counter()
     it = samples
@@ -103,6 +111,7 @@ def evaluate_shapes(
     return {
         "n": n,
         "seed": seed,
+        "generator": generator,
         "height": height,
         "width": width,
         "n_ambiguous": sum(bool(s.ambiguous) for s in samples),
@@ -120,7 +129,8 @@ def format_table(result: dict) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     lines = [
-        f"ShapesRef: n={result['n']} seed={result['seed']} size={result['width']}x"
+        f"ShapesRef ({result.get('generator', 'a')}): n={result['n']} seed={result['seed']} "
+        f"size={result['width']}x"
         f"{result['height']} ambiguous={result['n_ambiguous']}",
         "",
         "| method | mIoU | cIoU | mDice | mIoU (amb.) | cIoU (amb.) | mDice (amb.) |",
@@ -173,6 +183,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="canvas, width x height (default 256x256)")
     s.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result here")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--generator", choices=sorted(GENERATORS), default="a",
+                   help="scene generator: a (ours, the default) or b (a second one written from "
+                        "the spec alone: biprompt/data/shapes_ref_b.py)")
     c = sub.add_parser("clicks", help="ShapesRef, interactive: clicks until the mask is right "
                        "(NoC@85/90, mIoU per click; biprompt/evaluate_clicks.py)")
     c.add_argument("--n", type=int, default=500, help="samples (default 500)")
@@ -207,7 +220,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     result = evaluate_shapes(pipeline, n=args.n, seed=args.seed, height=height, width=width,
-                             progress=not args.no_progress and sys.stderr.isatty())
+                             progress=not args.no_progress and sys.stderr.isatty(),
+                             generator=args.generator)
     result["profile"] = str(profile)
     print(format_table(result))
     print(f"\n{result['seconds']:.1f} s; strategies {result['strategies']}; "

@@ -208,3 +208,14 @@ def test_nan_free(result):
     for subsets in result["methods"].values():
         for scores in subsets.values():
             assert all(v is not None and not math.isnan(v) for v in scores.values())
+
+
+def test_the_second_generator_is_scored_the_same_way(tiny_pipeline):
+    from biprompt.data.shapes_ref_b import make_samples as make_b
+
+    res = evaluate_shapes(tiny_pipeline, n=4, seed=SEED, generator="b")
+    assert res["generator"] == "b" and set(res["methods"]) == set(METHODS)
+    assert res["n_ambiguous"] == sum(s.ambiguous for s in make_b(4, SEED))
+    assert "ShapesRef (b)" in format_table(res)
+    with pytest.raises(ValueError, match="unknown generator"):
+        evaluate_shapes(tiny_pipeline, n=1, generator="c")
