@@ -222,7 +222,8 @@ def served_rows(profile: Path, cold: int, warm: int, seed: int) -> dict:
     from deployments.driver import DriverCalls
     from graph import build_app
 
-    ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     calls = DriverCalls()

@@ -71,7 +71,7 @@ def serve_url(metrics_port, encoder_gate):
     apply_serve_env()  # the mode our launchers run Serve in (RAY_SERVE_THROUGHPUT_OPTIMIZED)
     os.environ[GATE_ENV] = str(encoder_gate.folder)  # before ray.init: replicas inherit it
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
