@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from biprompt.config import DEFAULT_AGREEMENT_THRESHOLD, DEFAULT_MAX_PIXELS
-from biprompt.engines import ImageEncoderEngine, PointDecoderEngine, TextMaskEngine
+from biprompt.engines import (
+    ImageEncoderEngine,
+    PointDecoderEngine,
+    TextMaskEngine,
+    point_decoder_for,
+)
 from biprompt.engines.base import resolve_dtype
 from biprompt.engines.text_mask import check_pairing
 from biprompt.errors import InvalidImageError, InvalidPromptError
@@ -81,10 +86,7 @@ class BiPromptPipeline:
                                      sam.model_id,
                                      text=info, device=p.device, dtype=p.dtype,
                                      fast_encoder=p.sam.fast_encoder, max_pixels=max_pixels)
-        decoder = PointDecoderEngine(load_sam_part(sam, "prompt_encoder"),
-                                     load_sam_part(sam, "mask_decoder", dtype), sam.spec,
-                                     sam.model_id,
-                                     device=p.device, dtype=p.dtype)
+        decoder = point_decoder_for(sam, p.sam.decoder_backend, device=p.device, dtype=p.dtype)
         return cls(encoder, decoder, text, agreement_threshold=p.agreement_threshold,
                    name=p.name)
 

@@ -19,6 +19,8 @@ from biprompt.config import (
 )
 from biprompt.errors import ModelConfigError
 
+DECODER_BACKENDS = ("torch", "onnxruntime", "auto")
+
 
 def read_profile(path: str | Path) -> dict:
     """A model profile YAML as a dict, with checkpoint paths made relative to the file's
@@ -53,6 +55,9 @@ class SamConfig:
     variant: str | dict | None = None  # needed for random weights; else read from the shapes
     seed: int = 0  # random weights only
     fast_encoder: bool = True  # biprompt.models.fast_attention; False: the reference forward
+    # the point decoder's runtime (biprompt.engines.point_decoder_for): torch, onnxruntime (CPU,
+    # float32), or auto (the faster of the two, timed at load; torch off the CPU)
+    decoder_backend: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,16 @@ class ModelProfile:
                 max_tokens=int(limits.get("max_tokens", MAX_TEXT_TOKENS)),
                 max_chars=int(limits.get("max_chars", MAX_TEXT_CHARS)))
         sel = d.get("selection") or {}
+        backend = str(sam.get("decoder_backend", "torch"))
+        if backend not in DECODER_BACKENDS:
+            raise ModelConfigError(f"sam.decoder_backend is {backend!r}; use one of "
+                                   f"{', '.join(DECODER_BACKENDS)}")
         return cls(
             name=d.get("name"),
             sam=SamConfig(checkpoint=sam.get("checkpoint"), variant=sam.get("variant"),
                           seed=int(sam.get("seed", 0)),
-                          fast_encoder=bool(sam.get("fast_encoder", True))),
+                          fast_encoder=bool(sam.get("fast_encoder", True)),
+                          decoder_backend=backend),
             text=text_cfg,
             agreement_threshold=float(sel.get("agreement_threshold",
                                               DEFAULT_AGREEMENT_THRESHOLD)),

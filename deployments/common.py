@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from biprompt.cache import Cached, make_store
-from biprompt.engines import ENGINES
+from biprompt.engines import engine_from_profile
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
 
@@ -42,7 +42,7 @@ def build_engine(role: str, args: AppArgs):
     so model ids (and so cache keys) agree across deployments and replicas."""
     t = time.perf_counter()
     options = {"max_pixels": args.max_image_pixels} if role == "encoder" else {}
-    engine = ENGINES[role].from_profile(args.profile(), **options)
+    engine = engine_from_profile(role, args.profile(), **options)
     log.info("loaded the %s engine (%s) in %.1f s", role, engine.model_id,
              time.perf_counter() - t)
     return engine
