@@ -7,9 +7,10 @@ Order: machine facts; the vit_b encoder (reference, fast path, matmul-bound limi
 pipeline at both scales; then one local Ray cluster serving the demo model and then the vit_b-shaped
 random model, with the same scenarios; last, what each replica of a fresh vit_b-shaped app holds
 in memory after one cold request, next to one process holding the whole pipeline (the same in
-both modes: one request). Everything is measured in this run; ratios are of numbers measured
-here. Served scenes come from a fresh seed each run (recorded), so "cold" is cold even with a
-Redis cache that outlived an earlier run.
+both modes: one request); then the offline batch on Ray Data against the served batch paths
+(benchmarks/offline.py, its own section). Everything is measured in this run; ratios are of
+numbers measured here. Served scenes come from a fresh seed each run (recorded), so "cold" is
+cold even with a Redis cache that outlived an earlier run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from benchmarks import encoder as encoder_bench
 from benchmarks import gpu as gpu_bench
 from benchmarks import machine
 from benchmarks import memory as memory_bench
+from benchmarks import offline as offline_bench
+from benchmarks import onnx_decoder as decoder_bench
 from benchmarks.checkpoints import write_vitb_checkpoints
 from benchmarks.naive import STAGES, NaiveBiPrompt
 from benchmarks.report import render
@@ -139,6 +142,10 @@ def main(argv=None) -> dict:
     ckpt = write_vitb_checkpoints(Path(args.checkpoints))
     results["checkpoints"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in ckpt.items()}
 
+    step("point decoder backends, vit_b scale: torch vs onnxruntime, batched vs looped")
+    results["decoder_backends"] = decoder_bench.run(args.checkpoints, rounds=2 if args.quick else 5)
+    gc.collect()
+
     step("naive BiPrompt, vit_b scale")
     results["naive"] = {"vitb": run_naive(ckpt["profile"], cfg["naive_vitb"], (480, 640), seed)}
     step("naive BiPrompt, demo scale")
@@ -151,13 +158,16 @@ def main(argv=None) -> dict:
     results["served"] = serve_all(plans, cache_url, seed)
     step("per-replica memory, vit_b scale")
     results["memory"] = memory_bench.run(ckpt["profile"], seed)
+    step("offline batch: Ray Data against segment_many and the batch endpoint")
+    results["offline"] = offline_bench.run(mode, {"demo": DEMO_PROFILE, "vitb": ckpt["profile"]},
+                                           seed)
     results["seconds"] = time.perf_counter() - t0
     step("writing the report")
 
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2, default=_jsonable))
-    out, text = Path(args.out), render(results)
+    out, text = Path(args.out), render(results) + "\n" + offline_bench.section(results["offline"])
     kept = gpu_bench.kept_section(out.read_text()) if out.exists() else None  # benchmarks/gpu.py's
     out.write_text(gpu_bench.splice(text, kept) if kept else text)
     print(f"wrote {args.out} and {out_json} in {results['seconds']:.0f} s")

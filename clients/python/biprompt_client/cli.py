@@ -1,13 +1,15 @@
-"""The `biprompt` command: serve, segment, embed, batch, eval.
+"""The `biprompt` command: serve, segment, embed, batch, offline, eval.
 
     biprompt serve [--config configs/serve/local-cpu.yaml]
     biprompt segment photo.jpg --point 420,310 --text "the dog on the left" --overlay o.png
     biprompt embed 'images/*.jpg'
     biprompt batch requests.jsonl --out results.jsonl [--coco coco_results.json]
+    biprompt offline requests.jsonl --out results.jsonl   (Ray Data, no server; full install only)
     biprompt eval shapes --n 500 --seed 12345 --json scores.json   (offline; full install only)
 
-`serve` and `eval` run the server side (python -m serving.launch, python -m biprompt.evaluate) in a
-child process of this interpreter: this package never imports it.
+`serve`, `offline` and `eval` run the server side (python -m serving.launch, python -m
+serving.offline, python -m biprompt.evaluate) in a child process of this interpreter: this package
+never imports it.
 
 The server URL comes from --url or BIPROMPT_URL, the key from --api-key or BIPROMPT_API_KEY.
 """
@@ -392,6 +394,19 @@ def cmd_eval(args) -> int:
                           env={**os.environ, "BIPROMPT_PROG": "biprompt eval"})
 
 
+# --- offline --------------------------------------------------------------------------------
+
+
+def cmd_offline(args) -> int:
+    """The batch on Ray Data, no server: `python -m serving.offline` in a child process."""
+    if not module_installed("serving.offline"):
+        print("error: `biprompt offline` needs the full biprompt-serve install (Ray Data and the "
+              "models): make test / make demo build it", file=sys.stderr)
+        return 2
+    return run_foreground([sys.executable, "-m", "serving.offline", *args.offline_args],
+                          env={**os.environ, "BIPROMPT_PROG": "biprompt offline"})
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -446,6 +461,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_batch)
 
+    s = sub.add_parser("offline", add_help=False,
+                       help="run a JSONL file of requests on Ray Data, no server; resumable: "
+                            "offline requests.jsonl --out results.jsonl [--config C] "
+                            "[--profile P] [--format jsonl|parquet] [--address A]")
+    s.add_argument("offline_args", nargs=argparse.REMAINDER,
+                   help="passed to python -m serving.offline (try: offline --help)")
+    s.set_defaults(fn=cmd_offline)
+
     s = sub.add_parser("eval", add_help=False,
                        help="score a local pipeline offline: eval shapes --n 500 --seed S "
                             "[--profile P] [--size WxH] [--json F]")
@@ -459,9 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra:
-        if args.command != "eval":
+        if args.command not in ("eval", "offline"):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.eval_args = extra + args.eval_args  # `eval --help`: REMAINDER skips leading options
+        # `eval --help`: REMAINDER skips leading options
+        rest = f"{args.command}_args"
+        setattr(args, rest, extra + getattr(args, rest))
     try:
         return args.fn(args)
     except BiPromptClientError as exc:
