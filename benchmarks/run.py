@@ -123,7 +123,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-url", default="redis://127.0.0.1:6379/0",
                     help="Redis for the served runs if it answers; else the in-process cache")
     ap.add_argument("--seed", type=int, default=None, help="scene seed (default: fresh)")
+    ap.add_argument("--render", metavar="RESULTS_JSON", help="only rewrite --out from a run's "
+                    "results (no measuring)")
     args = ap.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        write_report(results, Path(args.out))
+        print(f"wrote {args.out} from {args.render}")
+        return results
     mode = "quick" if args.quick else "full"
     cfg = SETTINGS[mode]
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -167,11 +174,33 @@ def main(argv=None) -> dict:
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2, default=_jsonable))
-    out, text = Path(args.out), render(results) + "\n" + offline_bench.section(results["offline"])
-    kept = gpu_bench.kept_section(out.read_text()) if out.exists() else None  # benchmarks/gpu.py's
-    out.write_text(gpu_bench.splice(text, kept) if kept else text)
+    write_report(results, Path(args.out))
     print(f"wrote {args.out} and {out_json} in {results['seconds']:.0f} s")
     return results
+
+
+def decoder_section(res: dict) -> str:
+    r = res["onnx_over_torch"]
+    return "\n".join([
+        "## Point decoder backends, vit_b scale", "",
+        f"`benchmarks/onnx_decoder.py`: vit_b-shaped random weights, one {res['size'][1]}x"
+        f"{res['size'][0]} image, end to end through `decode_points`, {res['threads']} threads, "
+        f"medians of {res['rounds']} alternating rounds.", "",
+        decoder_bench.table(res), "",
+        f"ONNX Runtime over torch: {r['1 point']:.2f}x at one point, {r['16 points']:.2f}x at 16 "
+        "(each backend in its better mode); \"chosen for 16\" is what a warmed-up engine of that "
+        "backend does.", ""])
+
+
+def write_report(results: dict, out: Path) -> None:
+    """BENCHMARKS.md from a run's results, keeping benchmarks/gpu.py's section."""
+    text = render(results)
+    if "decoder_backends" in results:
+        text += "\n" + decoder_section(results["decoder_backends"])
+    if "offline" in results:
+        text += "\n" + offline_bench.section(results["offline"])
+    kept = gpu_bench.kept_section(out.read_text()) if out.exists() else None
+    out.write_text(gpu_bench.splice(text, kept) if kept else text)
 
 
 def _jsonable(x):
