@@ -38,7 +38,10 @@ class PointDecoder:
         configure_replica(self._decode, user_config)
 
     def stats(self) -> dict:
-        return replica_stats(self.clock, self.engine, **self.counts)
+        # the engine's backend, how `auto` chose it, and its batched-or-looped choice
+        describe = getattr(self.engine, "describe", None)
+        return replica_stats(self.clock, self.engine, **self.counts,
+                             decoder=describe() if describe else None)
 
     async def __call__(self, embedding: bytes, prompt: Prompt) -> dict:
         self.counts["requests"] += 1

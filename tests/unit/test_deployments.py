@@ -236,6 +236,9 @@ def test_decoder_refuses_an_embedding_of_another_model(replica):
                               load_sam_part(src, "mask_decoder"), src.spec, src.model_id)
     dep = PointDecoder(ARGS, engine=real)
     assert set(dep.stats()["weights"]) == {"sam.prompt_encoder", "sam.mask_decoder"}
+    decoder = dep.stats()["decoder"]  # warmed up in the constructor: the batching was measured
+    assert decoder["backend"] == "torch" and decoder["batching"]["measured"]
+    assert decoder["batching"]["mode"] in ("batched", "looped")
     with pytest.raises(CacheFormatError, match="made by sam-tiny:fake"):
         run(dep(encoded(), prompt(5, 5)))  # made by SAM_ID, not the real tiny model
     emb = FakeEncoder().embed_rgb([image()])[0]
