@@ -27,6 +27,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 POSITIVE_EXAMPLES = 50
 NEGATIVE_EXAMPLES = 25
+SEED = 20261201
 BUDGET_S = 150  # all operations together; the bound, not the expected time
 CONTENT_REFUSALS = {(422, "invalid_image"), (422, "invalid_prompt"), (404, "not_found"),
                     (413, "payload_too_large")}
@@ -86,7 +87,7 @@ def _error_types(response) -> list[tuple[int, str]]:
 
 
 def test_schemathesis_against_the_live_app(main_url):
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
@@ -105,9 +106,17 @@ def test_schemathesis_against_the_live_app(main_url):
     t0 = time.monotonic()
 
     def run(operation, mode, n: int):
-        @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+        # Negative cases in JSON only: schemathesis 4.32's negative mode checks its mutated
+        # msgpack bodies against the schema with a validator that can't read its own Binary
+        # wrapper ("ValueError: Unsupported type: 'Binary'", raised while *generating*, for some
+        # seeds). Positive cases cover both media types.
+        media = {"media_type": "application/json"} if mode == GenerationMode.NEGATIVE else {}
+        # A fixed seed: derandomize alone derives one from the strategy's repr, which names the
+        # app's free port, so each run drew other cases (one of them hit the bug above).
+        @seed(SEED)
+        @settings(max_examples=n, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(generation_mode=mode), real=st.booleans())
+        @given(case=operation.as_strategy(generation_mode=mode, **media), real=st.booleans())
         def one(case, real):
             if time.monotonic() - t0 > BUDGET_S:
                 counts["skipped: over the time budget"] += 1
