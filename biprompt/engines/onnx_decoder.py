@@ -1,5 +1,5 @@
-"""The point decoder in ONNX Runtime: SAM's prompt encoder + mask decoder, exported from the
-loaded checkpoint, run on the CPU.
+"""The point decoder on a CPU runtime (ONNX Runtime or OpenVINO): SAM's prompt encoder + mask
+decoder, exported from the loaded checkpoint.
 
 The exported graph (`DecoderGraph`) takes the prompts already in the model's input frame:
 
@@ -16,23 +16,14 @@ engine runs (`PointDecoderBase.decode_points`, `biprompt.models.decoding.upscale
 crop to the image's resized size is right for every aspect ratio by construction (segment-anything
 1.0's own ONNX export bakes its dummy input's crop into the graph).
 
-The graphs are exported at first use and cached under `biprompt.weights.cache_dir()/onnx` (beside
-the Hugging Face cache), keyed by a sha256 of the decoder's weights and shapes and by the
-exporter's version; each file is written atomically (a temporary file, then os.replace). Exported
-with torch's TorchScript-based exporter (`dynamo=False`): in torch 2.13 it exports this graph in
-about 1 s where the torch.export-based one takes 20x longer and needs onnxscript.
+The graphs are exported at first use and cached (`biprompt.engines.exported`: beside the Hugging
+Face cache, keyed by a sha256 of the decoder's weights and shapes and by the exporter's version);
+ONNX Runtime and OpenVINO run the same files. Exporting takes about 1 s.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import io
-import json
 import logging
-import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +32,17 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 
 from biprompt.engines.base import Placement
+from biprompt.engines.exported import (
+    OPSET,
+    RUNTIMES,
+    Runtime,
+    cached_graph,
+    export_onnx,
+    float32,
+    graph_bytes,
+    modules_digest,
+    onnx_cache_dir,
+)
 from biprompt.engines.point_decoder import GroupInputs, PointDecoderBase
 from biprompt.errors import ModelConfigError
 from biprompt.factory import load_sam_part, open_sam
@@ -52,13 +54,11 @@ log = logging.getLogger(__name__)
 
 # Bump when the exported graph changes: it is part of every cached file's name.
 EXPORTER_VERSION = 1
-OPSET = 17
 PARTS = ("decoder", "decoder_mask")
 INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input")
 OUTPUTS = ("low_res_masks", "iou_predictions")
 BOX_LABELS = np.array([2, 3], dtype=np.int64)  # SAM's labels for a box's two corners
 PAD_LABEL = -1
-EXPORT_TOLERANCE = 1e-4  # a fresh export must match the torch modules this closely
 
 
 class DecoderGraph(nn.Module):
@@ -114,23 +114,9 @@ class DecoderGraph(nn.Module):
 
 
 def weights_digest(spec: SamSpec, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> str:
-    """sha256 of the decoder's spec and of every tensor it holds (names, dtypes, shapes, bytes):
-    the cache key. The weights exported, whatever file, hub id or seed they came from; hashing
-    them costs about 20 ms where a ViT-H checkpoint file is 2.5 GB."""
-    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode())
-    for prefix, module in (("prompt_encoder", prompt_encoder), ("mask_decoder", mask_decoder)):
-        for name, t in module.state_dict().items():
-            t = t.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def onnx_cache_dir() -> Path:
-    """Where exported graphs live: beside the Hugging Face cache (BIPROMPT_CACHE moves it)."""
-    from biprompt.weights import cache_dir
-
-    return cache_dir() / "onnx"
+    """The cache key: the decoder's spec and every tensor it holds (`modules_digest`)."""
+    return modules_digest(spec.to_dict(), {"prompt_encoder": prompt_encoder,
+                                           "mask_decoder": mask_decoder})
 
 
 def graph_filename(digest: str, part: str) -> str:
@@ -139,53 +125,13 @@ def graph_filename(digest: str, part: str) -> str:
 
 def export_graph(graph: DecoderGraph, spec: SamSpec) -> bytes:
     """The ONNX bytes of `graph`, checked against the torch forward on its example inputs."""
-    import onnxruntime as ort
-
     names = list(INPUTS[:4 if graph.with_mask else 3])
     dynamic = {"point_coords": {0: "prompts", 1: "points"},
                "point_labels": {0: "prompts", 1: "points"},
                "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
     if graph.with_mask:
         dynamic["mask_input"] = {0: "prompts"}
-    args = graph.example(spec)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # NOTE: the legacy exporter announces its deprecation, and the tracer notes that
-        # segment-anything's attention scale (math.sqrt of a head width) becomes a constant,
-        # which it is.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(graph.eval(), args, buf, input_names=names, output_names=list(OUTPUTS),
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-    data = buf.getvalue()
-    with torch.no_grad():
-        want = [t.numpy() for t in graph(*args)]
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})
-    err = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
-    if not err <= EXPORT_TOLERANCE:
-        raise ModelConfigError(f"the exported point decoder differs from torch by {err:.2e} "
-                               f"(more than {EXPORT_TOLERANCE:g}): not using it")
-    return data
-
-
-def _float32(module: nn.Module) -> nn.Module:
-    """`module` if it is float32 already, else a float32 copy (the caller's stays as it is)."""
-    if all(t.dtype == torch.float32 for t in module.state_dict().values() if t.is_floating_point()):
-        return module
-    return copy.deepcopy(module).float()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return export_onnx(graph, graph.example(spec), names, OUTPUTS, dynamic, "point decoder")
 
 
 def exported_graphs(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, spec: SamSpec,
@@ -193,48 +139,40 @@ def exported_graphs(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, sp
     """Each part's graph: its cached file, exported and written first if missing (bytes when the
     cache can't be written). Also {"digest", "exported": [parts exported now], "dir"}."""
     cache = Path(cache) if cache is not None else onnx_cache_dir()
-    pe, md = _float32(prompt_encoder), _float32(mask_decoder)
+    pe, md = float32(prompt_encoder), float32(mask_decoder)
     digest = weights_digest(spec, pe, md)
     out: dict[str, Path | bytes] = {}
     exported = []
     for part in PARTS:
-        path = cache / graph_filename(digest, part)
-        if path.is_file():
-            out[part] = path
-            continue
-        data = export_graph(DecoderGraph(pe, md, with_mask=part == "decoder_mask"), spec)
-        exported.append(part)
-        try:
-            write_atomic(path, data)
-            out[part] = path
-        except OSError as exc:
-            log.warning("could not cache the ONNX point decoder at %s (%s): exported again at "
-                        "the next load", path, exc)
-            out[part] = data
+        out[part], now = cached_graph(cache, graph_filename(digest, part), lambda part=part:
+                                      export_graph(DecoderGraph(pe, md, part == "decoder_mask"),
+                                                   spec))
+        if now:
+            exported.append(part)
     return out, {"digest": digest, "exported": exported, "dir": str(cache)}
 
 
 class OnnxPointDecoderEngine(PointDecoderBase):
-    """SAM's point decoder in ONNX Runtime (CPUExecutionProvider, float32); the same interface
-    as PointDecoderEngine. It keeps no torch module: the graphs hold the weights."""
-
-    backend = "onnxruntime"
+    """SAM's point decoder as an exported graph on a CPU runtime (ONNX Runtime or OpenVINO,
+    float32); the same interface as PointDecoderEngine. It keeps no torch module: the graphs
+    hold the weights."""
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, spec: SamSpec,
-                 model_id: str, *, device: str | torch.device = "cpu",
+                 model_id: str, *, runtime: str = "onnxruntime", device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, batching: str = "auto",
                  threads: int | None = None, cache_dir: str | Path | None = None):
         super().__init__(spec, model_id, batching)
         place = Placement(device, dtype)
+        if runtime not in RUNTIMES:
+            raise ModelConfigError(f"no point-decoder runtime {runtime!r}; use one of "
+                                   f"{', '.join(RUNTIMES)}")
         if place.device.type != "cpu" or place.dtype != torch.float32:
             raise ModelConfigError(
-                f"the onnxruntime point decoder runs float32 on the CPU, not {place.dtype} on "
-                f"{place.device}: use decoder_backend torch there")
-        self.threads = threads  # None: follow torch.get_num_threads()
+                f"the {runtime} point decoder runs float32 on the CPU, not {place.dtype} on "
+                f"{place.device}: use the torch backend there")
+        self.backend = runtime
         self.graphs, self.export = exported_graphs(prompt_encoder, mask_decoder, spec, cache_dir)
-        self._sessions: dict = {}
-        self._session_threads: int | None = None
-        self._open_sessions()
+        self._runtimes = {part: Runtime(runtime, src, threads) for part, src in self.graphs.items()}
 
     @classmethod
     def from_profile(cls, profile: ModelProfile | dict | str | None = None,
@@ -245,41 +183,10 @@ class OnnxPointDecoderEngine(PointDecoderBase):
         return cls(load_sam_part(src, "prompt_encoder"), load_sam_part(src, "mask_decoder"),
                    src.spec, src.model_id, **options)
 
-    def _wanted_threads(self) -> int:
-        return int(self.threads or torch.get_num_threads())
-
-    def _open_sessions(self) -> None:
-        import onnxruntime as ort
-
-        threads = self._wanted_threads()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # NOTE: ONNX Runtime's workers spin after each run by default; here torch upscales right
-        # after, and other replicas share the cores: spinning took 40% longer (measured, tiny
-        # model, 16 prompts, a loaded 2-core machine).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions = {
-            part: ort.InferenceSession(str(src) if isinstance(src, Path) else src, opts,
-                                       providers=["CPUExecutionProvider"])
-            for part, src in self.graphs.items()}
-        self._session_threads = threads
-
-    def _session(self, part: str):
-        # NOTE: a replica's user_config may change torch's thread count after load; ONNX
-        # Runtime's pool is fixed per session, so the sessions follow it here.
-        if self.threads is None and self._wanted_threads() != self._session_threads:
-            self._open_sessions()
-        return self._sessions[part]
-
     def weights(self) -> dict[str, int]:
-        """Bytes of each graph ONNX Runtime holds (the mask graph has its own copy of the
+        """Bytes of each graph the runtime holds (the mask graph has its own copy of the
         decoder's weights)."""
-        return {f"onnx.{part}": (src.stat().st_size if isinstance(src, Path) else len(src))
-                for part, src in self.graphs.items()}
+        return {f"onnx.{part}": graph_bytes(src) for part, src in self.graphs.items()}
 
     def _image(self, emb: ImageEmbedding) -> np.ndarray:
         return np.ascontiguousarray(emb.embedding.detach().to("cpu", torch.float32).numpy())
@@ -305,7 +212,7 @@ class OnnxPointDecoderEngine(PointDecoderBase):
         if inputs.mask_input is not None:
             feed["mask_input"] = np.ascontiguousarray(inputs.mask_input, np.float32)
             part = "decoder_mask"
-        low_res, iou = self._session(part).run(None, feed)
+        low_res, iou = self._runtimes[part].run(feed)
         keep = slice(1, None) if inputs.multimask else slice(0, 1)
         return (torch.from_numpy(np.ascontiguousarray(low_res[:, keep])),
                 torch.from_numpy(np.ascontiguousarray(iou[:, keep])))

@@ -1,6 +1,6 @@
-"""The ONNX Runtime point decoder against the torch one: logits, IoUs and masks at four aspect
-ratios, batches of 1 and 16, points, boxes, mask_input, single- and multimask; the export cache;
-the backend choice; the batched-or-looped choice."""
+"""The exported point decoder on ONNX Runtime and on OpenVINO against the torch one: logits, IoUs
+and masks at four aspect ratios, batches of 1 and 16, points, boxes, mask_input, single- and
+multimask; the export cache; the backend choice; the batched-or-looped choice."""
 
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("weights") / "onnx"
 
 
-@pytest.fixture(scope="module")
-def engines(cache):
-    """The tiny profile's decoder on both backends (one export for the module)."""
+@pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
+def engines(cache, request):
+    """The tiny profile's decoder on torch and on one CPU runtime (one export for the module:
+    both runtimes read the same files)."""
     src = open_sam(None, "tiny", 0)
     return (point_decoder_for(src, "torch"),
-            point_decoder_for(src, "onnxruntime", cache_dir=cache))
+            point_decoder_for(src, request.param, cache_dir=cache))
 
 
 def embedding(engine, size: tuple[int, int], seed: int = 0) -> ImageEmbedding:
@@ -242,12 +243,13 @@ def test_profile_field_and_the_factory_choice(cache):
         point_decoder_for(open_sam(None, "tiny"), "onnxruntime", dtype="float16")
 
 
-def test_auto_times_both_and_records_it(cache):
-    engine = point_decoder_for(open_sam(None, "tiny", 0), "auto", cache_dir=cache)
+def test_auto_times_every_backend_and_records_it(tmp_path):
+    engine = point_decoder_for(open_sam(None, "tiny", 0), "auto", cache_dir=tmp_path)
     choice = engine.backend_choice
     assert choice["chosen"] == engine.backend
-    assert choice["torch_ms"] > 0 and choice["onnxruntime_ms"] > 0
-    assert engine.backend == min(("torch", "onnxruntime"), key=lambda b: choice[f"{b}_ms"])
+    backends = ("torch", "onnxruntime", "openvino")
+    assert all(choice[f"{b}_ms"] > 0 for b in backends)
+    assert engine.backend == min(backends, key=lambda b: choice[f"{b}_ms"])
     assert engine.describe()["backend_choice"] == choice
     off_cpu = point_decoder_for(open_sam(None, "tiny", 0), "auto", dtype="bfloat16")
     assert off_cpu.backend == "torch" and "CPU" in off_cpu.backend_choice["reason"]
@@ -272,13 +274,16 @@ def test_sessions_follow_torch_threads_unless_set(cache):
     engine = point_decoder_for(open_sam(None, "tiny", 0), "onnxruntime", cache_dir=cache)
     fixed = point_decoder_for(open_sam(None, "tiny", 0), "onnxruntime", cache_dir=cache,
                               threads=1)
+    def threads(e):
+        return e._runtimes["decoder"]._open_threads
+
     before = torch.get_num_threads()
-    assert engine._session_threads == before and fixed._session_threads == 1
+    assert threads(engine) == before and threads(fixed) == 1
     size = (480, 640)
     try:
         torch.set_num_threads(1 if before > 1 else 2)
         engine.decode_points(embedding(engine, size), prompts(size, 1))
         fixed.decode_points(embedding(engine, size), prompts(size, 1))
-        assert engine._session_threads == torch.get_num_threads() and fixed._session_threads == 1
+        assert threads(engine) == torch.get_num_threads() and threads(fixed) == 1
     finally:
         torch.set_num_threads(before)
