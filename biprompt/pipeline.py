@@ -23,7 +23,9 @@ from biprompt.engines import (
     ImageEncoderEngine,
     PointDecoderEngine,
     TextMaskEngine,
+    encoder_for,
     point_decoder_for,
+    text_mask_for,
 )
 from biprompt.engines.base import resolve_dtype
 from biprompt.engines.text_mask import check_pairing
@@ -31,9 +33,7 @@ from biprompt.errors import InvalidImageError, InvalidPromptError
 from biprompt.factory import (
     LoadedSam,
     LoadedText,
-    SamSource,
     TextInfo,
-    load_sam_part,
     open_sam,
 )
 from biprompt.join import join
@@ -66,30 +66,25 @@ class BiPromptPipeline:
     def from_profile(cls, profile: ModelProfile | dict | str | Path | None, *,
                      device: str | None = None, dtype: str | torch.dtype | None = None,
                      agreement_threshold: float | None = None, name: str | None = None,
-                     fast_encoder: bool | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> BiPromptPipeline:
-        """The three engines from one model profile (a ModelProfile, a dict or a YAML path);
-        keyword arguments override the profile's values."""
+                     fast_encoder: bool | None = None, backends: dict[str, str] | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, **runtime) -> BiPromptPipeline:
+        """The three engines from one model profile (a ModelProfile, a dict or a YAML path),
+        each on the profile's backend for its role; keyword arguments override the profile's
+        values (`backends`: {role: backend} for the roles named; `runtime`: threads, cache_dir
+        for the CPU runtimes)."""
         p = ModelProfile.load(profile).with_options(
             device=device, dtype=dtype, agreement_threshold=agreement_threshold, name=name,
-            fast_encoder=fast_encoder)
+            fast_encoder=fast_encoder, backends=backends)
         sam = open_sam(p.sam.checkpoint, p.sam.variant, p.sam.seed)
-        text = TextMaskEngine.from_profile(p, sam=sam) if p.text is not None else None
-        return cls._compose(sam, p, text, max_pixels)
-
-    @classmethod
-    def _compose(cls, sam: SamSource, p: ModelProfile, text: TextMaskEngine | None,
-                 max_pixels: int) -> BiPromptPipeline:
+        place = {"device": p.device, "dtype": p.dtype}
+        text = (text_mask_for(p, sam, p.backends.text, **place, **runtime)
+                if p.text is not None else None)
         info = TextInfo(text.model_id, text.config.beit3_spec.img_size) if text else None
-        dtype = resolve_dtype(p.dtype, torch.device(p.device))
-        encoder = ImageEncoderEngine(load_sam_part(sam, "image_encoder", dtype), sam.spec,
-                                     sam.model_id,
-                                     text=info, device=p.device, dtype=p.dtype,
-                                     fast_encoder=p.sam.fast_encoder, max_pixels=max_pixels)
-        decoder = point_decoder_for(sam, p.sam.decoder_backend, device=p.device, dtype=p.dtype)
+        encoder = encoder_for(sam, info, p.backends.encoder, fast_encoder=p.sam.fast_encoder,
+                              max_pixels=max_pixels, **place, **runtime)
+        decoder = point_decoder_for(sam, p.backends.points, **place, **runtime)
         return cls(encoder, decoder, text, agreement_threshold=p.agreement_threshold,
                    name=p.name)
-
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> BiPromptPipeline:

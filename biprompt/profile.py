@@ -19,7 +19,11 @@ from biprompt.config import (
 )
 from biprompt.errors import ModelConfigError
 
-DECODER_BACKENDS = ("torch", "onnxruntime", "auto")
+# Each role's runtime (biprompt.engines.backends): torch (any device), onnxruntime and openvino
+# (the CPU, float32), or auto (the fastest of them measured on this CPU; torch elsewhere).
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
+DECODER_BACKENDS = BACKENDS
+ROLES = ("encoder", "points", "text")
 
 
 def read_profile(path: str | Path) -> dict:
@@ -55,9 +59,39 @@ class SamConfig:
     variant: str | dict | None = None  # needed for random weights; else read from the shapes
     seed: int = 0  # random weights only
     fast_encoder: bool = True  # biprompt.models.fast_attention; False: the reference forward
-    # the point decoder's runtime (biprompt.engines.point_decoder_for): torch, onnxruntime (CPU,
-    # float32), or auto (the faster of the two, timed at load; torch off the CPU)
+    # the point decoder's runtime: the profile's `backends: {points: ...}`, of which this older
+    # spelling (`sam.decoder_backend`) is an alias
     decoder_backend: str = "torch"
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Each role's runtime (`backends:` in a profile; BACKENDS)."""
+
+    encoder: str = "torch"
+    points: str = "torch"
+    text: str = "torch"
+
+    @classmethod
+    def from_dict(cls, d: dict | None, points_alias: str | None = None) -> Backends:
+        d = dict(d or {})
+        unknown = set(d) - set(ROLES)
+        if unknown:
+            raise ModelConfigError(f"backends: unknown role(s) {', '.join(sorted(unknown))}; "
+                                   f"the roles are {', '.join(ROLES)}")
+        if points_alias is not None and "points" not in d:
+            d["points"] = points_alias
+        for role, value in d.items():
+            if str(value) not in BACKENDS:
+                raise ModelConfigError(f"backends.{role} is {value!r}; use one of "
+                                       f"{', '.join(BACKENDS)}")
+        return cls(**{k: str(v) for k, v in d.items()})
+
+    def get(self, role: str) -> str:
+        return getattr(self, role)
+
+    def to_dict(self) -> dict[str, str]:
+        return {r: self.get(r) for r in ROLES}
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,7 @@ class ModelProfile:
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD
     device: str = "cpu"
     dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
+    backends: Backends = field(default_factory=Backends)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
@@ -93,21 +128,23 @@ class ModelProfile:
                 max_tokens=int(limits.get("max_tokens", MAX_TEXT_TOKENS)),
                 max_chars=int(limits.get("max_chars", MAX_TEXT_CHARS)))
         sel = d.get("selection") or {}
-        backend = str(sam.get("decoder_backend", "torch"))
-        if backend not in DECODER_BACKENDS:
-            raise ModelConfigError(f"sam.decoder_backend is {backend!r}; use one of "
-                                   f"{', '.join(DECODER_BACKENDS)}")
+        alias = sam.get("decoder_backend")
+        if alias is not None and str(alias) not in BACKENDS:
+            raise ModelConfigError(f"sam.decoder_backend is {alias!r}; use one of "
+                                   f"{', '.join(BACKENDS)}")
+        backends = Backends.from_dict(d.get("backends"), None if alias is None else str(alias))
         return cls(
             name=d.get("name"),
             sam=SamConfig(checkpoint=sam.get("checkpoint"), variant=sam.get("variant"),
                           seed=int(sam.get("seed", 0)),
                           fast_encoder=bool(sam.get("fast_encoder", True)),
-                          decoder_backend=backend),
+                          decoder_backend=backends.points),
             text=text_cfg,
             agreement_threshold=float(sel.get("agreement_threshold",
                                               DEFAULT_AGREEMENT_THRESHOLD)),
             device=str(d.get("device", "cpu")),
             dtype=d.get("dtype"),
+            backends=backends,
         )
 
     @classmethod
@@ -119,9 +156,14 @@ class ModelProfile:
             return cls.from_dict(source)
         return cls.from_dict(read_profile(resolve_profile_path(source)))
 
-    def with_options(self, *, fast_encoder: bool | None = None, **fields: Any) -> ModelProfile:
-        """A copy with top-level fields replaced (None values are ignored)."""
+    def with_options(self, *, fast_encoder: bool | None = None,
+                     backends: dict[str, str] | None = None, **fields: Any) -> ModelProfile:
+        """A copy with top-level fields replaced (None values are ignored); `backends` replaces
+        the roles it names."""
         out = replace(self, **{k: v for k, v in fields.items() if v is not None})
         if fast_encoder is not None:
             out = replace(out, sam=replace(out.sam, fast_encoder=bool(fast_encoder)))
+        if backends:
+            b = Backends.from_dict({**out.backends.to_dict(), **backends})
+            out = replace(out, backends=b, sam=replace(out.sam, decoder_backend=b.points))
         return out

@@ -83,8 +83,10 @@ def replica_stats(clock: ReplicaClock, engine=None, **counts) -> dict:
     current RSS, time to ready), where it runs (replica and node id) and the model weights it
     holds (bytes by part)."""
     weights = engine.weights() if engine is not None and hasattr(engine, "weights") else {}
+    describe = getattr(engine, "describe", None)
     return {**counts, "torch_threads": torch.get_num_threads(), "process": clock.stats(),
-            **replica_identity(), "weights": weights, "gpu": gpu_stats()}
+            **replica_identity(), "weights": weights, "gpu": gpu_stats(),
+            "backend": describe() if describe else None}
 
 
 def gpu_stats() -> dict | None:

@@ -41,6 +41,11 @@ class AppArgs(BaseModel):
     fast_encoder: bool | None = Field(None, description="SAM encoder fast attention path "
                                       "(default: the profile's sam.fast_encoder, else on); "
                                       "false: segment-anything's reference forward")
+    backends: dict[Literal["encoder", "points", "text"],
+                   Literal["torch", "onnxruntime", "openvino", "auto"]] = Field(
+        default_factory=dict, description="each role's runtime, overriding the profile's "
+        "`backends:` (biprompt.engines.backends): torch, onnxruntime, openvino (CPU, float32) or "
+        "auto (the fastest measured on this CPU)")
     api_key: str | None = Field(default_factory=lambda: _env("BIPROMPT_API_KEY"),
                                 description="if set, every route but /healthz needs "
                                 "'Authorization: Bearer <key>'")
@@ -61,4 +66,5 @@ class AppArgs(BaseModel):
     def profile(self) -> ModelProfile:
         """The model profile with this app's overrides applied."""
         return ModelProfile.load(self.model_profile).with_options(
-            agreement_threshold=self.agreement_threshold, fast_encoder=self.fast_encoder)
+            agreement_threshold=self.agreement_threshold, fast_encoder=self.fast_encoder,
+            backends=dict(self.backends) or None)

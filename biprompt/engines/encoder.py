@@ -6,6 +6,7 @@ each image (BEiT-3's input), whose size it reads from the text model's config al
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +25,11 @@ from biprompt.types import ImageEmbedding
 
 
 class ImageEncoderEngine:
+    """SAM's image encoder as a torch module (any device and dtype); the exported CPU backends
+    (`biprompt.engines.exported_encoder`) replace `_forward`."""
+
     role = "encoder"
+    backend = "torch"
 
     def __init__(self, encoder: ImageEncoderViT, spec: SamSpec, model_id: str, *,
                  text: TextInfo | None = None, device: str | torch.device = "cpu",
@@ -39,6 +44,16 @@ class ImageEncoderEngine:
         set_fast_attention(self.encoder, fast_encoder)
         self.fast_encoder = fast_encoder
         self.max_pixels = max_pixels
+        self.backend_choice: dict | None = None  # set by `auto` backend selection
+
+    def describe(self) -> dict:
+        """The backend and how it was chosen (`auto`: every backend's timing)."""
+        return {"backend": self.backend, "backend_choice": self.backend_choice,
+                "fast_encoder": self.fast_encoder}
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Bx3xSxS normalised, padded images -> BxCxhxw embeddings."""
+        return self.encoder(batch.to(self.place.device, self.place.dtype))
 
     @classmethod
     def from_profile(cls, profile: ModelProfile | dict | str | None = None,
@@ -82,7 +97,7 @@ class ImageEncoderEngine:
         size = self.spec.img_size
         resized = [sam_resize(rgb, size) for rgb in rgbs]
         batch = torch.cat([sam_normalize_pad(x, size) for x in resized])
-        feats = self.encoder(batch.to(self.place.device, self.place.dtype))
+        feats = self._forward(batch)
         out = []
         for i, (rgb, x) in enumerate(zip(rgbs, resized, strict=True)):
             beit = beit3_input(rgb, self.text.image_size) if self.text is not None else None
@@ -98,3 +113,11 @@ class ImageEncoderEngine:
     def warmup(self) -> None:
         """One forward on a blank image, so the first request doesn't pay for lazy init."""
         self.embed_rgb([np.zeros((self.spec.patch_size * 2,) * 2 + (3,), dtype=np.uint8)])
+
+    def time_once(self) -> float:
+        """Ms of one full-size forward (the `auto` backend's measure)."""
+        batch = torch.zeros(1, 3, self.spec.img_size, self.spec.img_size)
+        t = time.perf_counter()
+        with torch.no_grad():
+            self._forward(batch)
+        return (time.perf_counter() - t) * 1000.0

@@ -189,6 +189,10 @@ class PointDecoderBase:
                                        batched_ms=round(b, 2), looped_ms=round(lo, 2))
         return self.batching
 
+    def time_once(self) -> float:
+        """Ms of one one-point, three-mask decode (the `auto` backend's measure)."""
+        return self.time_decode(rounds=1)
+
     def time_decode(self, rounds: int = 3) -> float:
         """Median ms of a one-point, three-mask decode (the `auto` backend's measure)."""
         emb, prompts = self.dummy()

@@ -9,6 +9,7 @@ embedding), never SAM's weights.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,7 +46,12 @@ def check_pairing(sam_spec: SamSpec, sam_probe: torch.Tensor | None, text: Loade
 
 
 class TextMaskEngine:
+    """EVF-SAM as torch modules (any device and dtype); the exported CPU backends
+    (`biprompt.engines.exported_text`) replace `_prompt`, BEiT-3's fusion and the projection to
+    a SAM prompt token (nearly all of the text model's time)."""
+
     role = "text"
+    backend = "torch"
 
     def __init__(self, text: LoadedText, sam_spec: SamSpec, sam_model_id: str, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
@@ -54,6 +60,15 @@ class TextMaskEngine:
         self.tokenizer, self.config, self.model_id = text.tokenizer, text.config, text.model_id
         self.model = text.model.to(self.place.device, self.place.dtype).eval()
         self.model.visual_model.prompt_encoder.float()
+        self.backend_choice: dict | None = None  # set by `auto` backend selection
+
+    def describe(self) -> dict:
+        """The backend and how it was chosen (`auto`: every backend's timing)."""
+        return {"backend": self.backend, "backend_choice": self.backend_choice}
+
+    def _prompt(self, beit: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """BEiT-3 over (224x224 view, tokens) pairs -> Bx1xC SAM prompt tokens."""
+        return self.model.text_prompt(beit, ids, padding)
 
     @classmethod
     def from_profile(cls, profile: ModelProfile | dict | str | None = None,
@@ -99,18 +114,30 @@ class TextMaskEngine:
         ids, padding = self.tokenizer(texts)
         beit = torch.cat([e.beit_image for e in embeddings]).to(dev, dtype)
         image = torch.cat([e.embedding for e in embeddings]).to(dev, dtype)
-        prompt = self.model.text_prompt(beit, ids.to(dev), padding.to(dev))
-        low_res = self.model.decode(image, prompt).float()
+        prompt = self._prompt(beit, ids.to(dev), padding.to(dev))
+        low_res = self.model.decode(image, prompt.to(dev, dtype)).float()
         return [
             (upscale_logits(low_res[i : i + 1], self.sam_spec.img_size, e.input_size,
                             e.original_size)[0, 0] > 0).cpu().numpy()
             for i, e in enumerate(embeddings)
         ]
 
-    def warmup(self) -> None:
+    def dummy(self) -> tuple[ImageEmbedding, str]:
+        """A zero embedding of a full-size square image and a one-word expression."""
         g, side = self.sam_spec.embedding_size, self.sam_spec.img_size
         s = self.config.beit3_spec.img_size
         emb = ImageEmbedding(torch.zeros(1, self.sam_spec.prompt_dim, g, g), (side, side),
                              (side, side), self.sam_model_id, torch.zeros(1, 3, s, s))
         word = next(iter(self.tokenizer.tokenizer.get_vocab()), "a").strip("\u2581") or "a"
-        self.text_masks([emb], [word if word.isalpha() else "a"])
+        return emb, word if word.isalpha() else "a"
+
+    def warmup(self) -> None:
+        emb, word = self.dummy()
+        self.text_masks([emb], [word])
+
+    def time_once(self) -> float:
+        """Ms of one text mask (the `auto` backend's measure)."""
+        emb, word = self.dummy()
+        t = time.perf_counter()
+        self.text_masks([emb], [word])
+        return (time.perf_counter() - t) * 1000.0
