@@ -25,16 +25,25 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import cpu_backends as backends_bench
 from benchmarks import encoder as encoder_bench
 from benchmarks import gpu as gpu_bench
 from benchmarks import machine
 from benchmarks import memory as memory_bench
 from benchmarks import offline as offline_bench
-from benchmarks import onnx_decoder as decoder_bench
 from benchmarks.checkpoints import write_vitb_checkpoints
 from benchmarks.naive import STAGES, NaiveBiPrompt
 from benchmarks.report import render
-from benchmarks.serving import Bench, Plan, deploy, find_direct_url, run_scenarios, start_cluster
+from benchmarks.serving import (
+    Bench,
+    Plan,
+    Scenes,
+    deploy,
+    find_direct_url,
+    run_scenarios,
+    start_cluster,
+    text_cached_clicks,
+)
 from benchmarks.stats import summary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,11 +54,11 @@ SETTINGS = {
     "quick": {"encoder": (1, 2), "naive_vitb": 1, "naive_demo": 10,
               "demo": Plan(cold=5, warm=20, per_level=20),
               "vitb": Plan(cold=2, warm=5, session_clicks=20, many=False, per_level=2,
-                           image_size=(480, 640))},
+                           image_size=(480, 640), extra={"text_cached": 10})},
     "full": {"encoder": (3, 5), "naive_vitb": 3, "naive_demo": 30,
              "demo": Plan(cold=20, warm=40, per_level=40),
              "vitb": Plan(cold=3, warm=10, session_clicks=20, many=True, per_level=4,
-                          image_size=(480, 640))},
+                          image_size=(480, 640), extra={"text_cached": 30})},
 }
 
 
@@ -102,8 +111,14 @@ def serve_all(plans: dict[str, tuple[Path, Plan]], cache_url: str | None, seed: 
             rows["startup_s"] = startup
             rows["torch_threads"] = {d: calls.call(scale, d, "stats").get("torch_threads")
                                      for d in ("ImageEncoder", "PointDecoder", "TextMask")}
+            if plan.extra.get("text_cached"):
+                rows["text_cached"] = text_cached_clicks(bench, Scenes(seed + 7, plan.image_size),
+                                                         plan.extra["text_cached"])
             out[scale] = rows
             serve.delete(scale)
+            if plan.extra.get("text_cached"):  # the same clicks with every role on `auto`
+                out[f"{scale}_auto"] = served_backends(port, profile, f"{scale}_auto", calls,
+                                                       cache_url, plan, seed)
     finally:
         calls.close()
         serve.shutdown()
@@ -111,6 +126,26 @@ def serve_all(plans: dict[str, tuple[Path, Plan]], cache_url: str | None, seed: 
 
         ray.shutdown()
     return out
+
+
+def served_backends(port: int, profile: Path, app: str, calls, cache_url: str | None,
+                    plan: Plan, seed: int, backends: str = "auto") -> dict:
+    """The app with every role on `backends` (the CPU backends issue's default): its start-up
+    (which measures the backends, unless a choice is remembered), what each replica runs, and
+    the text-cached warm clicks."""
+    from ray import serve
+
+    url, startup = deploy(port, str(profile), app, cache_url,
+                          backends={r: backends for r in ("encoder", "points", "text")})
+    bench = Bench(url, app, calls)
+    try:
+        row = text_cached_clicks(bench, Scenes(seed + 8, plan.image_size),
+                                 plan.extra["text_cached"])
+        runs = {d: calls.call(app, d, "stats").get("backend")
+                for d in ("ImageEncoder", "PointDecoder", "TextMask")}
+    finally:
+        serve.delete(app)
+    return {"text_cached": row, "startup_s": startup, "backends": runs}
 
 
 def main(argv=None) -> dict:
@@ -149,8 +184,8 @@ def main(argv=None) -> dict:
     ckpt = write_vitb_checkpoints(Path(args.checkpoints))
     results["checkpoints"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in ckpt.items()}
 
-    step("point decoder backends, vit_b scale: torch vs onnxruntime, batched vs looped")
-    results["decoder_backends"] = decoder_bench.run(args.checkpoints, rounds=2 if args.quick else 5)
+    step("CPU backends, vit_b scale: torch, onnxruntime, openvino and auto's choice per stage")
+    results["cpu_backends"] = backends_bench.run(args.checkpoints, rounds=3 if args.quick else 5)
     gc.collect()
 
     step("naive BiPrompt, vit_b scale")
@@ -179,24 +214,11 @@ def main(argv=None) -> dict:
     return results
 
 
-def decoder_section(res: dict) -> str:
-    r = res["onnx_over_torch"]
-    return "\n".join([
-        "## Point decoder backends, vit_b scale", "",
-        f"`benchmarks/onnx_decoder.py`: vit_b-shaped random weights, one {res['size'][1]}x"
-        f"{res['size'][0]} image, end to end through `decode_points`, {res['threads']} threads, "
-        f"medians of {res['rounds']} alternating rounds.", "",
-        decoder_bench.table(res), "",
-        f"ONNX Runtime over torch: {r['1 point']:.2f}x at one point, {r['16 points']:.2f}x at 16 "
-        "(each backend in its better mode); \"chosen for 16\" is what a warmed-up engine of that "
-        "backend does.", ""])
-
-
 def write_report(results: dict, out: Path) -> None:
     """BENCHMARKS.md from a run's results, keeping benchmarks/gpu.py's section."""
     text = render(results)
-    if "decoder_backends" in results:
-        text += "\n" + decoder_section(results["decoder_backends"])
+    if "cpu_backends" in results:
+        text += "\n" + backends_bench.section(results["cpu_backends"], results.get("served"))
     if "offline" in results:
         text += "\n" + offline_bench.section(results["offline"])
     kept = gpu_bench.kept_section(out.read_text()) if out.exists() else None

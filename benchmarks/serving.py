@@ -162,6 +162,20 @@ def run_scenarios(bench: Bench, plan: Plan, seed: int = 0) -> dict:
     return rows
 
 
+def text_cached_clicks(bench: Bench, scenes: Scenes, n: int) -> dict:
+    """`n` warm clicks, one at a time, on one encoded image, each a new point with the same
+    expression, whose text mask is cached after the untimed first request: the click an
+    annotator makes while refining one object."""
+    scene, data = scenes.image()
+    first = scenes.prompt(scene)
+    bench.segment({"image": data, **first})  # encodes the image, caches the text mask
+    image_id = bench.client.embed(data)
+    h, w = scene.image.shape[:2]
+    xy = scenes.rng.uniform((0, 0), (w - 1, h - 1), size=(n, 2))
+    return bench.requests([{"image_id": image_id, "points": [[float(x), float(y)]],
+                            "text": first["text"]} for x, y in xy])
+
+
 def find_direct_url(app: str, tries: int = 32) -> str | None:
     """Where the app's ingress replica answers HTTP itself (Serve's direct ingress, on in
     throughput-optimized mode): the first port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT on
@@ -257,15 +271,19 @@ def start_cluster() -> int:
     return port
 
 
-def deploy(port: int, profile: str, app: str, cache_url: str | None = None) -> tuple[str, float]:
-    """Deploy the app; returns its URL and the start-up time in seconds."""
+def deploy(port: int, profile: str, app: str, cache_url: str | None = None,
+           backends: dict[str, str] | None = None) -> tuple[str, float]:
+    """Deploy the app (each role on `backends`, default: the profile's); returns its URL and the
+    start-up time in seconds."""
     from ray import serve
 
     from graph import build_app
 
     t = time.perf_counter()
-    serve.run(build_app({"model_profile": profile, "cache_url": cache_url}), name=app,
-              route_prefix=f"/{app}")
+    args = {"model_profile": profile, "cache_url": cache_url}
+    if backends:
+        args["backends"] = backends
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}")
     return f"http://127.0.0.1:{port}/{app}", time.perf_counter() - t
 
 

@@ -8,13 +8,15 @@ every timing, is in the engine's `backend_choice` (and so in a replica's `stats(
 remembered in `backend-choices.json` beside the export cache, keyed by the role, a digest of the
 weights, the CPU model, the thread count and the runtimes' versions: a replica that starts again
 on the same kind of machine builds only the chosen backend instead of timing all three (an image
-encoder at vit_b scale takes about 5 s a forward on 2 cores). Delete the file to measure again.
+encoder at vit_b scale takes about 5 s a forward on 2 cores). Delete the file to measure again;
+$BIPROMPT_BACKEND_CHOICES names another file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import statistics
 from collections.abc import Callable, Mapping
@@ -29,6 +31,7 @@ from biprompt.engines.exported import BACKENDS, check_backend, onnx_cache_dir, w
 log = logging.getLogger(__name__)
 
 CHOICES_FILE = "backend-choices.json"
+CHOICES_ENV = "BIPROMPT_BACKEND_CHOICES"  # another file to remember choices in
 ROUNDS = 5  # alternating timed rounds per backend
 SLOW_ROUNDS = 3  # when one call takes longer than SLOW_MS
 SLOW_MS = 500.0
@@ -57,6 +60,8 @@ def choice_key(role: str, digest: str) -> str:
 
 
 def _choices_path(cache: str | Path | None) -> Path:
+    if os.environ.get(CHOICES_ENV):
+        return Path(os.environ[CHOICES_ENV])
     return (Path(cache) if cache is not None else onnx_cache_dir()) / CHOICES_FILE
 
 
