@@ -43,6 +43,7 @@ _PREFIX = struct.Struct("<4sI")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
 
 Observer = Callable[[str, str], None]  # (what, outcome), e.g. ("embedding", "hit")
+HEADER_READ = 4096  # bytes read for an embedding's header (it is a few hundred)
 
 
 class CacheFormatError(ValueError):
@@ -60,7 +61,8 @@ def embedding_key(model_id: str, img_id: str) -> str:
 
 def text_mask_key(sam_id: str, text_id: str, img_id: str, text: str) -> str:
     digest = hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:32]
-    return f"biprompt:v{FORMAT_VERSION}:txt:{text_id}:{sam_id}:p{PREPROCESS_VERSION}:{img_id}:{digest}"
+    # "txr": the value is COCO RLE (`pack_mask_rle`); "txt" keys held packed bits
+    return f"biprompt:v{FORMAT_VERSION}:txr:{text_id}:{sam_id}:p{PREPROCESS_VERSION}:{img_id}:{digest}"
 
 
 def logits_key(sam_id: str, logits_id: str) -> str:
@@ -196,6 +198,35 @@ def unpack_mask(blob: bytes, model_id: str | None = None) -> np.ndarray:
     return np.unpackbits(bits, count=h * w).astype(bool).reshape(h, w)
 
 
+def pack_mask_rle(rle: dict, model_id: str) -> bytes:
+    """A mask as COCO RLE ({"size": [h, w], "counts": bytes | str}, as pycocotools writes it):
+    a few KB for an object's mask at any image size, where packed bits are h*w/8."""
+    counts = rle["counts"]
+    counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    h, w = (int(v) for v in rle["size"])
+    return pack("mask_rle", {"counts": np.frombuffer(counts, dtype=np.uint8)}, size=[h, w],
+                model_id=model_id)
+
+
+def unpack_mask_rle(blob: bytes, model_id: str | None = None) -> dict:
+    """-> {"size": [h, w], "counts": bytes}, checked to decode to an h x w mask."""
+    header, arrays = unpack(blob, "mask_rle")
+    if model_id is not None and header.get("model_id") != model_id:
+        raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
+    size, counts = header.get("size"), arrays.get("counts")
+    if counts is None or counts.ndim != 1 or not isinstance(size, list) or len(size) != 2:
+        raise CacheFormatError("not an RLE mask")
+    rle = {"size": [int(size[0]), int(size[1])], "counts": counts.tobytes()}
+    try:
+        from pycocotools import mask as coco
+
+        if int(coco.area(rle)) > rle["size"][0] * rle["size"][1]:
+            raise ValueError("more pixels than the mask has")
+    except Exception as exc:  # noqa: BLE001 - undecodable counts: a corrupt value
+        raise CacheFormatError(f"bad RLE counts: {exc}") from exc
+    return rle
+
+
 def pack_logits(logits: np.ndarray, model_id: str, img_id: str) -> bytes:
     """An answer's LxL low-res logits (float16) for the next refinement click on `img_id`."""
     return pack("logits", {"logits": np.asarray(logits, dtype=np.float16)}, model_id=model_id,
@@ -246,9 +277,15 @@ class LocalStore:
         self._items.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+    async def head(self, key: str, n: int) -> tuple[bytes, int] | None:
+        """The value's first `n` bytes (a header) and its whole length, or None."""
+        value = await self.get(key)
+        return None if value is None else (value[:n], len(value))
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        """True once stored (False: larger than the whole cache)."""
         if len(value) > self.max_bytes:
-            return
+            return False
         if key in self._items:
             self._drop(key)
         ttl_s = ttl_s or self.ttl_s
@@ -257,6 +294,7 @@ class LocalStore:
         self._bytes += len(value)
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._items)))
+        return True
 
     async def delete(self, key: str) -> None:
         if key in self._items:
@@ -333,10 +371,25 @@ class RedisStore:
     async def get(self, key: str) -> bytes | None:
         return await self._call("GET", lambda: self._client.get(key))
 
-    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+    async def head(self, key: str, n: int) -> tuple[bytes, int] | None:
+        """The value's first `n` bytes and its whole length (GETRANGE and STRLEN in one round
+        trip: a header without the arrays), or None."""
+        async def both():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.getrange(key, 0, n - 1)
+                pipe.strlen(key)
+                return await pipe.execute()
+
+        out = await self._call("GETRANGE", both)
+        if not out or not out[0]:  # GETRANGE answers b"" for a missing key
+            return None
+        return bytes(out[0]), int(out[1])
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        """True once Redis stored it (False: Redis down, skipped or slow)."""
         ttl_s = ttl_s or self.ttl_s
         ex = int(ttl_s) if ttl_s else None
-        await self._call("SET", lambda: self._client.set(key, value, ex=ex))
+        return bool(await self._call("SET", lambda: self._client.set(key, value, ex=ex)))
 
     async def delete(self, key: str) -> None:
         await self._call("DEL", lambda: self._client.delete(key))
@@ -377,6 +430,51 @@ class Cached:
                 blob = None
         self.observer("embedding", "miss" if blob is None else "hit")
         return blob
+
+    async def get_embedding_header(self, key: str, model_id: str,
+                                   first: int = HEADER_READ) -> dict | None:
+        """The embedding's header alone (sizes, model id, image id), read without its arrays
+        (a few hundred bytes where the value is MBs); None when it isn't cached. The arrays are
+        checked by whoever reads them (a replica), so a value corrupt past its header is found
+        there."""
+        found = await self.store.head(key, first)
+        header = None
+        if found is not None:
+            head, total = found
+            try:
+                _, n = _PREFIX.unpack_from(head)
+                if _PREFIX.size + n > len(head) and n < 2**20:
+                    head = (await self.store.head(key, _PREFIX.size + n) or (head, total))[0]
+                header = unpack_header(head, "embedding")
+                if header.get("model_id") != model_id:
+                    raise CacheFormatError(f"made by {header.get('model_id')}, want {model_id}")
+                body = sum(int(a["nbytes"]) for a in header["arrays"])
+                if _PREFIX.size + n + body != total:  # truncated or padded: corrupt
+                    raise CacheFormatError(f"{total} bytes where the header says "
+                                           f"{_PREFIX.size + n + body}")
+                header["original_size"] = [int(v) for v in header["original_size"]][:2]
+                header["input_size"] = [int(v) for v in header["input_size"]][:2]
+            except (CacheFormatError, struct.error, KeyError, TypeError, ValueError) as exc:
+                log.warning("dropping corrupt cache entry %s: %s", key, exc)
+                self.observer("embedding", "corrupt")
+                await self.store.delete(key)
+                header = None
+        self.observer("embedding", "miss" if header is None else "hit")
+        return header
+
+    async def get_mask_rle(self, key: str, model_id: str) -> dict | None:
+        """A cached text mask as COCO RLE, or None."""
+        blob = await self.store.get(key)
+        rle = None
+        if blob is not None:
+            try:
+                rle = unpack_mask_rle(blob, model_id)
+            except CacheFormatError as exc:
+                log.warning("dropping corrupt cache entry %s: %s", key, exc)
+                self.observer("text_mask", "corrupt")
+                await self.store.delete(key)
+        self.observer("text_mask", "miss" if rle is None else "hit")
+        return rle
 
     async def get_mask(self, key: str, model_id: str) -> np.ndarray | None:
         blob = await self.store.get(key)
