@@ -3,7 +3,9 @@
 Takes a decoded RGB array and its image id; returns the cache-format value (fp16 embedding +
 header), which the point decoder and text model take as their input. With a shared cache (Redis)
 it writes the value itself, and looks first: another ingress replica may have just encoded the
-same image.
+same image; then it answers an `EmbeddingRef` (the key and the header: the model replicas read the
+value from the cache themselves, deployments/embeddings.py), and the value itself only when it
+could not be stored.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from biprompt.cache import Cached, embedding_key, pack_embedding
+from biprompt.cache import Cached, embedding_header, embedding_key, pack_embedding
 from biprompt.engines import ImageEncoderEngine
 from deployments.common import (
     build_engine,
@@ -22,6 +24,7 @@ from deployments.common import (
     run_model,
     warm_up,
 )
+from deployments.embeddings import EmbeddingRef
 from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
@@ -55,19 +58,20 @@ class ImageEncoder:
     def stats(self) -> dict:
         return replica_stats(self.clock, self.engine, **self.counts)
 
-    async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes:
+    async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes | EmbeddingRef:
         self.counts["requests"] += 1
         key = embedding_key(self.model_id, image_id)
         if self.cache.store.shared:
-            blob = await self.cache.store.get(key)
-            if blob is not None:
+            header = await self.cache.get_embedding_header(key, self.model_id)
+            if header is not None:
                 self.counts["shared_cache_hits"] += 1
-                return blob
+                return EmbeddingRef(key, header)
         # arrays from another process arrive as read-only views
         return unwrap(await self._encode((np.array(rgb), image_id, key)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _encode(self, items: list[tuple[np.ndarray, str, str]]) -> list[bytes | Exception]:
+    async def _encode(self, items: list[tuple[np.ndarray, str, str]]
+                      ) -> list[bytes | EmbeddingRef | Exception]:
         """One encoder call for the batch's distinct images. An image that fails (in
         preprocessing or in the model) fails alone: its slot holds its error (`isolated`)."""
         unique: dict[str, np.ndarray] = {}
@@ -82,13 +86,14 @@ class ImageEncoder:
         if done:
             metrics()["encoder_images"].inc(done)
         metrics()["batch"].observe(len(unique), tags={"role": "ImageEncoder"})
-        blobs: dict[str, bytes | Exception] = {}
+        blobs: dict[str, bytes | EmbeddingRef | Exception] = {}
         for key, emb in zip(unique, embs, strict=True):
             if not isinstance(emb, Exception):
                 emb = self._pack(key, emb, ms, len(unique))
             blobs[key] = emb
-            if self.cache.store.shared and isinstance(blobs[key], bytes):
-                await self.cache.store.set(key, blobs[key])
+            if self.cache.store.shared and isinstance(emb, bytes):
+                if await self.cache.store.set(key, emb):  # stored: the replicas read it there
+                    blobs[key] = EmbeddingRef(key, embedding_header(emb))
         return [blobs[key] for _, _, key in items]
 
     def _pack(self, key: str, emb, ms: float, batch_size: int) -> bytes | Exception:

@@ -13,6 +13,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the route sig
 import asyncio
 import hmac
 import inspect
+import logging
 import time
 import uuid
 from typing import Any
@@ -44,11 +45,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from biprompt.cache import (
     Cached,
     CacheFormatError,
-    embedding_header,
     embedding_key,
     logits_key,
     pack_logits,
-    pack_mask,
+    pack_mask_rle,
     text_mask_key,
     unpack_logits,
 )
@@ -65,7 +65,8 @@ from biprompt.errors import (
 from biprompt.images import decode_image_bytes
 from biprompt.preprocess import check_model_input
 from biprompt.prompts import make_prompt
-from deployments.common import make_cache, replica_stats, unpack_bits
+from deployments.common import make_cache, replica_stats
+from deployments.embeddings import EmbeddingRef, EmbeddingUnavailable, header_of, payload_bytes
 from deployments.http import (
     PUBLIC_PATHS,
     api,
@@ -111,6 +112,8 @@ class Ingress:
         self._inflight: dict[str, DeploymentResponse] = {}
         self.replica_retries = 0  # requests tried again because a model replica died under them
         self.embedding_lookups = {"hit": 0, "miss": 0}  # this replica's, by outcome
+        self.embedding_resends = 0  # requests sent again with the embedding's bytes
+        self.moved = {"requests": 0, "bytes": 0}  # payload bytes between replicas, all requests
         self._tasks: set[asyncio.Task] = set()
         self.label_studio = LabelStudioBackend.from_env(self.segment_one, self.info,
                                                         max_image_bytes=self.max_body,
@@ -122,7 +125,9 @@ class Ingress:
     def stats(self) -> dict:
         return replica_stats(self.clock, inflight_encodes=len(self._inflight),
                              replica_retries=self.replica_retries,
-                             embedding_lookups=dict(self.embedding_lookups))
+                             embedding_lookups=dict(self.embedding_lookups),
+                             embedding_resends=self.embedding_resends,
+                             bytes_moved=dict(self.moved))
 
     async def info(self) -> dict:
         if self._info is None:
@@ -172,8 +177,13 @@ class Ingress:
 
     # --- embeddings -------------------------------------------------------------------------
 
-    async def _embedding(self, image: bytes | None, img_id: str | None, timings: dict):
+    async def _embedding(self, image: bytes | None, img_id: str | None, timings: dict,
+                         refs: bool = True, moved: dict | None = None):
         """-> (embedding value or in-flight DeploymentResponse, (h, w), "hit" | "miss").
+
+        With a shared cache (and `refs`) a cached embedding is an `EmbeddingRef`: only its
+        header is read here; the model replicas hold or read the value themselves
+        (deployments/embeddings.py). Otherwise it is the value's bytes.
 
         CPU work on the image (hashing a large body, decoding) runs in a thread: the event loop
         keeps answering other requests and /healthz meanwhile."""
@@ -184,12 +194,16 @@ class Ingress:
             img_id = await asyncio.to_thread(hash_image, image) if big else hash_image(image)
         key = embedding_key(sam_id, img_id)
         t = time.perf_counter()
-        blob = await self.cache.get_embedding_blob(key, sam_id)
+        if refs and self.cache.store.shared:
+            header = await self.cache.get_embedding_header(key, sam_id)
+            found = None if header is None else EmbeddingRef(key, header)
+        else:
+            found = await self.cache.get_embedding_blob(key, sam_id)
         timings["cache"] = (time.perf_counter() - t) * 1000.0
-        self.embedding_lookups["miss" if blob is None else "hit"] += 1
-        if blob is not None:
-            h, w = embedding_header(blob)["original_size"]
-            return blob, (h, w), "hit", img_id
+        self.embedding_lookups["miss" if found is None else "hit"] += 1
+        if found is not None:
+            h, w = header_of(found)["original_size"]
+            return found, (h, w), "hit", img_id
         if image is None:
             raise NotFoundError(f"unknown image_id {img_id}: it was never embedded here, or its "
                                 "embedding expired from the cache; send the image itself")
@@ -199,6 +213,8 @@ class Ingress:
         timings["image_decode"] = (time.perf_counter() - t) * 1000.0
         # too thin for SAM's resize: 422 here, before it can join (and fail) an encoder batch
         check_model_input(rgb.shape[:2], info["image_size"])
+        if moved is not None and key not in self._inflight:  # this request makes the call
+            moved["encoder"] = payload_bytes((rgb, img_id))
         return self._encode(rgb, img_id, key), rgb.shape[:2], "miss", img_id
 
     def _encode(self, rgb, img_id: str, key: str) -> DeploymentResponse:
@@ -241,6 +257,13 @@ class Ingress:
         is idempotent, and Serve routes the retry to a live (or the restarted) replica."""
         try:
             return await self._segment_once(req, rid)
+        except EmbeddingUnavailable as exc:
+            # a replica could not read the embedding from the cache (evicted, Redis down): the
+            # same request again, with the embedding's bytes (or encoded afresh)
+            logging.getLogger("biprompt.serve").info(
+                "segment %s: %s; sending the embedding itself", rid, exc)
+            self.embedding_resends += 1
+            return await self._segment_once(req, rid, refs=False)
         except Exception as exc:
             gone = lost_replica(exc)
             if gone is None:
@@ -253,9 +276,10 @@ class Ingress:
             await self._forget_failed_encode(embedding_key(info["model"]["sam"], img_id))
         return await self._segment_once(req, rid)
 
-    async def _segment_once(self, req: SegmentRequest, rid: str) -> dict:
+    async def _segment_once(self, req: SegmentRequest, rid: str, refs: bool = True) -> dict:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        moved: dict[str, int] = {}
         info = await self.info()
         img_id = hash_image(req.image) if req.image is not None else req.image_id
         # The cached text mask is looked up while the embedding is: both are keyed by the image.
@@ -263,7 +287,8 @@ class Ingress:
         if req.text is not None and req.mode != "point" and info["text_model"]:
             lookup = asyncio.ensure_future(self._cached_mask(img_id, req.text, info))
         try:
-            emb, size, cache_state, img_id = await self._embedding(req.image, img_id, timings)
+            emb, size, cache_state, img_id = await self._embedding(req.image, img_id, timings,
+                                                                   refs, moved)
             mask_input = await self._mask_input(req, img_id, info)
             prompt = make_prompt(size, req.points or None, req.point_labels, box=req.box,
                                  text=req.text, mode=req.mode, mask_input=mask_input,
@@ -279,40 +304,71 @@ class Ingress:
         # failure is ours to see, and segment_one retries it. In the throughput-optimized mode
         # the router awaited those arguments in this replica anyway.
         emb = await _settled(emb)
+        if "encoder" in moved:  # the encoder took the decoded image; this is its answer
+            moved["encoder"] += payload_bytes(emb)
         t_models = time.perf_counter()
-        points = None
-        if len(prompt.points) or prompt.box is not None:
-            points = self.decoder.remote(emb, prompt)
+        want_logits = req.logits != "none"
+        has_points = bool(len(prompt.points)) or prompt.box is not None
+        spec = {"mode": prompt.mode, "mask_format": req.mask_format,
+                "return_candidates": req.return_candidates,
+                "return_text_mask": req.return_text_mask, "logits": req.logits}
         text, text_cache = None, None
         if prompt.text is not None and prompt.mode != "point":
             if not info["text_model"]:
                 raise InvalidInputError("this server has no text model: use mode 'point' or "
                                         "leave out text")
             text, text_cache = await self._text_mask(emb, prompt.text, img_id, info, lookup)
-        spec = {"mode": prompt.mode, "mask_format": req.mask_format,
-                "return_candidates": req.return_candidates,
-                "return_text_mask": req.return_text_mask, "logits": req.logits}
-        points, text = await asyncio.gather(_settled(points), _settled(text))
-        t_selector = time.perf_counter()
-        # experts go as keyword arguments: a new expert is one more keyword, the Selector's
-        # signature stays
-        out = await self.selector.remote(points, spec, text=text)
-        # where a request's time goes between the deployments: the wall time this replica waited
-        # for the models (from dispatch to both answers) and for the Selector, next to the compute
-        # each reports (point_decoder, text_model, selector): the rest is hops and queues
-        timings["models_wait"] = (t_selector - t_models) * 1000.0
-        timings["selector_wait"] = (time.perf_counter() - t_selector) * 1000.0
+        if has_points and text_cache != "miss":
+            # every expert mask is known already (cached, or none asked): the join runs on the
+            # PointDecoder, next to the candidates; no Selector hop, no candidate masks sent
+            args = (emb, prompt, want_logits, {"spec": spec, "experts": {"text": text}})
+            out = (await self._near(self.decoder, emb).remote(*args))["joined"]
+            moved["points"] = payload_bytes(args) + payload_bytes(out)
+            timings["models_wait"] = (time.perf_counter() - t_models) * 1000.0  # and the join
+        else:
+            points = None
+            if has_points:
+                points = self._near(self.decoder, emb).remote(emb, prompt, want_logits)
+                moved["points"] = payload_bytes((emb, prompt, want_logits))
+            if text_cache == "miss":
+                moved["text"] = payload_bytes((emb, prompt.text))
+            points, text = await asyncio.gather(_settled(points), _settled(text))
+            if points is not None:
+                moved["points"] += payload_bytes(points)
+            if text_cache == "miss":
+                moved["text"] += payload_bytes(text)
+            t_selector = time.perf_counter()
+            # experts go as keyword arguments: a new expert is one more keyword, the Selector's
+            # signature stays
+            out = await self.selector.remote(points, spec, text=text)
+            moved["selector"] = payload_bytes((points, spec, text)) + payload_bytes(out)
+            # where a request's time goes between the deployments: the wall time this replica
+            # waited for the models (from dispatch to both answers) and for the Selector, next
+            # to the compute each reports (point_decoder, text_model, selector): the rest is
+            # hops and queues
+            timings["models_wait"] = (t_selector - t_models) * 1000.0
+            timings["selector_wait"] = (time.perf_counter() - t_selector) * 1000.0
         if cache_state == "miss":
-            header = embedding_header(emb)
-            timings["encoder"] = header.get("encode_ms", 0.0)
+            timings["encoder"] = header_of(emb).get("encode_ms", 0.0)
         timings.update(out.pop("timings_ms"))
         out.update(await self._logits_out(out.pop("logits", None), req.logits, img_id, info))
         timings["total"] = (time.perf_counter() - t0) * 1000.0
+        moved["total"] = sum(moved.values())
+        self.moved["requests"] += 1
+        self.moved["bytes"] += moved["total"]
         h, w = size
         return {"request_id": rid, "image_id": img_id, "width": w, "height": h,
                 "mode": prompt.mode, "mask_format": req.mask_format, **out,
                 "cache": cache_state, "text_cache": text_cache, "timings_ms": timings,
-                "model": info["model"]}
+                "bytes_moved": moved, "model": info["model"]}
+
+    @staticmethod
+    def _near(handle: DeploymentHandle, emb) -> DeploymentHandle:
+        """The handle routed to a replica that holds the embedding (Serve's model multiplexing,
+        keyed by its cache key) when it goes by reference."""
+        if isinstance(emb, EmbeddingRef):
+            return handle.options(multiplexed_model_id=emb.key)
+        return handle
 
     # --- refinement: the previous mask's low-res logits -------------------------------------
 
@@ -356,14 +412,16 @@ class Ingress:
         return {"logits_id": handle, "logits_size": int(logits.shape[0])}
 
     async def _cached_mask(self, img_id: str, text: str, info: dict):
+        """The text mask's key and its cached value (COCO RLE, as the Selector reads it)."""
         key = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id, text)
-        return key, await self.cache.get_mask(key, info["model"]["text"])
+        rle = await self.cache.get_mask_rle(key, info["model"]["text"])
+        return key, None if rle is None else {"rle": [rle], "shape": tuple(rle["size"])}
 
     async def _text_mask(self, emb, text: str, img_id: str, info: dict, lookup=None):
         key, mask = await (lookup or self._cached_mask(img_id, text, info))
         if mask is not None:
             return mask, "hit"
-        resp = self.text.remote(emb, text, key)
+        resp = self._near(self.text, emb).remote(emb, text, key)
         if not self.cache.store.shared:
             self._background(self._remember_mask(key, resp, info["model"]["text"]))
         return resp, "miss"
@@ -371,7 +429,7 @@ class Ingress:
     async def _remember_mask(self, key: str, resp: DeploymentResponse, model_id: str) -> None:
         try:
             out = await resp
-            await self.cache.store.set(key, pack_mask(unpack_bits(out["mask"]), model_id))
+            await self.cache.store.set(key, pack_mask_rle(out["mask"]["rle"][0], model_id))
         except Exception:  # noqa: BLE001 - the request itself reports the error
             pass
 
@@ -426,7 +484,7 @@ class Ingress:
         timings: dict[str, float] = {}
         emb, (h, w), state, img_id = await self._guard(self._embedding(req.image, None, timings))
         if state == "miss":
-            timings["encoder"] = embedding_header(await self._guard(emb)).get("encode_ms", 0.0)
+            timings["encoder"] = header_of(await self._guard(emb)).get("encode_ms", 0.0)
         timings["total"] = (time.perf_counter() - t0) * 1000.0
         info = await self.info()
         return self._reply(request, {"request_id": request.state.request_id, "image_id": img_id,

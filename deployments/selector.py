@@ -32,11 +32,55 @@ def encode_mask(mask: np.ndarray, fmt: str):
 
 
 def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> np.ndarray | None:
-    """An expert's reply ({"mask": packed bits, "<name>_ms": ...}) or a cached mask."""
-    if isinstance(value, dict):  # an expert deployment's reply
+    """An expert's reply ({"mask": packed, "<name>_ms": ...}), a cached mask (packed: RLE), or an
+    array."""
+    if isinstance(value, dict) and "mask" in value:  # an expert deployment's reply
         timings[f"{name}_model"] = value.get(f"{name}_ms", 0.0)
         return unpack_bits(value["mask"])
+    if isinstance(value, dict):
+        return unpack_bits(value)
     return value
+
+
+def select(points: dict | None, spec: dict, threshold: float,
+           **experts: dict | np.ndarray | None) -> dict:
+    """The join, as the answer's body: SAM's candidates (the PointDecoder's reply, None without a
+    point or box) and each expert's mask (a reply, a cached mask, or None) -> the selected mask in
+    `spec["mask_format"]`, the candidates, the strategy, the agreement and the timings. Run by the
+    Selector, or by the PointDecoder itself when every expert mask is known before decoding
+    (cached, or no expert): then the candidates never leave the replica that made them."""
+    t = time.perf_counter()
+    timings: dict[str, float] = {}
+    experts = {name: _expert_mask(v, name, timings) for name, v in experts.items()}
+    cands = None
+    if points is not None:
+        timings["point_decoder"] = points["decoder_ms"]
+        cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
+                                points.get("logits"))
+    res = join(cands, experts, spec["mode"], threshold)
+    fmt = spec["mask_format"]
+    out: dict = {"candidates": [], "text_mask": None}
+    if cands is not None:
+        text_ious = res.expert_ious.get("text")
+        for i, score in enumerate(cands.scores):
+            out["candidates"].append({
+                "index": i,
+                "predicted_iou": float(score),
+                "text_iou": None if text_ious is None else float(text_ious[i]),
+                "mask": encode_mask(cands.masks[i], fmt) if spec["return_candidates"] else None,
+            })
+    if spec["return_text_mask"] and res.text_mask is not None:
+        out["text_mask"] = encode_mask(res.text_mask, fmt)
+    out.update(mask=encode_mask(res.mask, fmt), selected=res.selected, strategy=res.strategy,
+               agreement=res.agreement)
+    if spec.get("logits", "none") != "none" and res.low_res_logits is not None:
+        out["logits"] = np.asarray(res.low_res_logits, dtype=np.float16)  # the Ingress's
+    metrics()["strategy"].inc(tags={"strategy": res.strategy})
+    if res.agreement is not None:
+        metrics()["agreement"].observe(res.agreement)
+    timings["selector"] = (time.perf_counter() - t) * 1000.0
+    out["timings_ms"] = timings
+    return out
 
 
 class Selector:
@@ -52,35 +96,4 @@ class Selector:
                        **experts: dict | np.ndarray | None) -> dict:
         """points: the PointDecoder's reply (None: no point or box); spec: mode, mask format and
         what to return; experts: each expert's reply or cached mask by name (today: text)."""
-        t = time.perf_counter()
-        timings: dict[str, float] = {}
-        experts = {name: _expert_mask(v, name, timings) for name, v in experts.items()}
-        cands = None
-        if points is not None:
-            timings["point_decoder"] = points["decoder_ms"]
-            cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
-                                    points.get("logits"))
-        res = join(cands, experts, spec["mode"], self.threshold)
-        fmt = spec["mask_format"]
-        out: dict = {"candidates": [], "text_mask": None}
-        if cands is not None:
-            text_ious = res.expert_ious.get("text")
-            for i, score in enumerate(cands.scores):
-                out["candidates"].append({
-                    "index": i,
-                    "predicted_iou": float(score),
-                    "text_iou": None if text_ious is None else float(text_ious[i]),
-                    "mask": encode_mask(cands.masks[i], fmt) if spec["return_candidates"] else None,
-                })
-        if spec["return_text_mask"] and res.text_mask is not None:
-            out["text_mask"] = encode_mask(res.text_mask, fmt)
-        out.update(mask=encode_mask(res.mask, fmt), selected=res.selected, strategy=res.strategy,
-                   agreement=res.agreement)
-        if spec.get("logits", "none") != "none" and res.low_res_logits is not None:
-            out["logits"] = np.asarray(res.low_res_logits, dtype=np.float16)  # the Ingress's
-        metrics()["strategy"].inc(tags={"strategy": res.strategy})
-        if res.agreement is not None:
-            metrics()["agreement"].observe(res.agreement)
-        timings["selector"] = (time.perf_counter() - t) * 1000.0
-        out["timings_ms"] = timings
-        return out
+        return select(points, spec, self.threshold, **experts)

@@ -33,6 +33,9 @@ class AppArgs(BaseModel):
     local_cache_mb: float = Field(C.LOCAL_CACHE_MB, gt=0, description="bound of the in-process LRU")
     embedding_dtype: Literal["float16", "float32"] = Field(
         "float16", description="embeddings in transport and cache (float32: bit-exact, 2x bytes)")
+    replica_embeddings: int = Field(
+        16, ge=1, description="embeddings each PointDecoder and TextMask replica keeps, by image "
+        "(with a shared cache, requests for an image are routed to the replica holding it)")
     max_body_mb: float = Field(C.MAX_BODY_MB, gt=0)
     max_image_pixels: int = Field(C.DEFAULT_MAX_PIXELS, gt=0)
     max_batch_items: int = Field(C.MAX_BATCH_ITEMS, ge=1)

@@ -1,7 +1,8 @@
 """TextMask: BEiT-3 + EVF-SAM's decoder on batched (image, text) pairs (a GPU in production).
 
-It reads the same SAM embedding the point decoder uses: no second encoder pass. With a shared
-cache it stores each mask under (image, text, text model), so repeated words skip BEiT-3.
+It reads the same SAM embedding the point decoder uses: no second encoder pass (sent as bytes, or
+an `EmbeddingRef` to the replica's own copy: deployments/embeddings.py). With a shared cache it
+stores each mask (COCO RLE) under (image, text, text model), so repeated words skip BEiT-3.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from biprompt.cache import Cached, embedding_header, pack_mask, unpack_embedding
+from biprompt.cache import Cached, pack_mask_rle
 from biprompt.engines import TextMaskEngine
 from biprompt.errors import InvalidPromptError
 from biprompt.types import ImageEmbedding
@@ -18,11 +19,12 @@ from deployments.common import (
     configure_replica,
     make_cache,
     metrics,
-    pack_bits,
+    pack_rle,
     replica_stats,
     run_model,
     warm_up,
 )
+from deployments.embeddings import EmbeddingRef, ReplicaEmbeddings
 from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.settings import AppArgs
@@ -36,6 +38,8 @@ class TextMask:
             engine = build_engine("text", args)
         self.engine = engine  # None: the profile has no text model
         self.cache = cache or make_cache(args)
+        self.embeddings = ReplicaEmbeddings(
+            self.cache, self.engine.sam_model_id if self.engine else "", args.replica_embeddings)
         self.counts = {"requests": 0, "pairs": 0, "batches": 0, "failed": 0}
         if self.engine is not None:
             warm_up(self.engine, self.clock)
@@ -45,39 +49,48 @@ class TextMask:
         configure_replica(self._run, user_config)
 
     def stats(self) -> dict:
-        return replica_stats(self.clock, self.engine, **self.counts)
+        return replica_stats(self.clock, self.engine, **self.counts,
+                             embeddings=self.embeddings.stats())
 
-    async def __call__(self, embedding: bytes, text: str, cache_key: str | None = None) -> dict:
+    async def __call__(self, embedding: bytes | EmbeddingRef, text: str,
+                       cache_key: str | None = None) -> dict:
         self.counts["requests"] += 1
         if self.engine is None:
             raise InvalidPromptError("this deployment has no text model: use mode 'point'")
         # checked one by one, before batching: one over-long text must not fail its batch-mates
         self.engine.validate(text)
-        mask, ms = unwrap(await self._run((embedding, text)))
+        emb = await self._embedding(embedding)
+        mask, ms = unwrap(await self._run((emb, text)))
+        packed = pack_rle(mask)
         if cache_key and self.cache.store.shared:
-            await self.cache.store.set(cache_key, pack_mask(mask, self.engine.model_id))
-        return {"mask": pack_bits(mask), "text_ms": ms}
+            await self.cache.store.set(cache_key, pack_mask_rle(packed["rle"][0],
+                                                                self.engine.model_id))
+        return {"mask": packed, "text_ms": ms}
+
+    async def _embedding(self, value):
+        """The request's embedding; one that can't be read fails this request alone, before it
+        joins a batch (counted as failed)."""
+        try:
+            return await self.embeddings.get(value)
+        except Exception:
+            self.counts["failed"] += 1
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _run(self, items: list[tuple[bytes, str]]
+    async def _run(self, items: list[tuple[ImageEmbedding, str]]
                    ) -> list[tuple[np.ndarray, float] | Exception]:
         """One model call for the batch's distinct (image, text) pairs (concurrent requests may
-        ask the same twice). A pair that fails (its embedding, or the model) fails alone."""
+        ask the same twice). A pair that fails the model fails alone."""
         keys: list[tuple[str, str]] = []
         pairs: dict[tuple[str, str], tuple[ImageEmbedding, str]] = {}
-        failed: dict[tuple[str, str], Exception] = {}
-        for i, (blob, text) in enumerate(items):
-            key = ("", str(i))  # this item alone, if its header can't be read
-            try:
-                key = (embedding_header(blob).get("image_id") or str(i), text.strip())
-                if key not in pairs and key not in failed:
-                    pairs[key] = (unpack_embedding(blob, self.engine.sam_model_id), key[1])
-            except Exception as exc:  # noqa: BLE001 - this item's own error
-                failed[key] = exc
+        for i, (emb, text) in enumerate(items):
+            key = (emb.image_id or str(i), text.strip())
+            if key not in pairs:
+                pairs[key] = (emb, key[1])
             keys.append(key)
         unique = list(pairs)
         masks, ms = await run_model(isolated, self._masks, [pairs[k] for k in unique], "TextMask")
-        by_key: dict = {**dict(zip(unique, masks, strict=True)), **failed}
+        by_key: dict = dict(zip(unique, masks, strict=True))
         done = len(unique) - failures(masks)
         self.counts["batches"] += 1
         self.counts["pairs"] += done

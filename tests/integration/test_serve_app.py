@@ -117,7 +117,13 @@ def test_second_request_is_a_cache_hit_and_skips_the_encoder(main_url, redis_srv
     assert stats("main", "ImageEncoder")["images"] == before
     # the Ingress's waits on the models and the Selector cover their compute (the rest: hops)
     t = second["timings_ms"]
-    assert t["models_wait"] >= t["point_decoder"] and t["selector_wait"] >= t["selector"]
+    # no text: the join ran on the PointDecoder (no Selector hop), inside the models' wait
+    assert "selector_wait" not in t and t["models_wait"] >= t["point_decoder"] + t["selector"]
+    third = post(f"{main_url}/v1/segment", {"image": data, "points": [[30, 40]],
+                                            "text": "a box"}).json()
+    t = third["timings_ms"]  # a new text: both models, then the Selector
+    assert third["text_cache"] == "miss" and t["selector_wait"] >= t["selector"]
+    assert t["models_wait"] >= max(t["point_decoder"], t["text_model"])
     assert t["total"] >= t["models_wait"] + t["selector_wait"]
     # the embedding lives in Redis under the documented key, in the documented format
     blob = redis_srv.client().get(embedding_key(first["model"]["sam"], first["image_id"]))

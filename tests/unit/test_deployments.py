@@ -16,13 +16,22 @@ import pytest
 import torch
 from biprompt_client.schema import SegmentRequest
 
-from biprompt.cache import LocalStore, embedding_key, image_id, unpack_embedding, unpack_mask
+from biprompt.cache import (
+    Cached,
+    LocalStore,
+    embedding_header,
+    embedding_key,
+    image_id,
+    unpack_embedding,
+    unpack_mask_rle,
+)
 from biprompt.errors import InvalidPromptError, NotFoundError
 from biprompt.factory import TextInfo
 from biprompt.models.sam import get_sam_spec
 from biprompt.types import ImageEmbedding, PointCandidates
 from deployments import ingress as ingress_module
 from deployments.common import unpack_bits
+from deployments.embeddings import EmbeddingRef
 from deployments.encoder import ImageEncoder
 from deployments.point_decoder import PointDecoder
 from deployments.selector import Selector
@@ -177,17 +186,35 @@ def test_encoder_batches_concurrent_images_and_encodes_each_once(replica):
 
 def test_encoder_with_a_shared_cache_writes_and_reuses_embeddings(replica):
     engine, store = FakeEncoder(text=False), SharedStore()
-    dep = ImageEncoder(ARGS, engine=engine, cache=SimpleNamespace(store=store))
+    dep = ImageEncoder(ARGS, engine=engine, cache=Cached(store))
     img_id = "c" * 64
+    key = embedding_key(SAM_ID, img_id)
 
     async def go():
         first = await dep(image(), img_id)
-        stored = await store.get(embedding_key(SAM_ID, img_id))  # written by the encoder
+        stored = await store.get(key)  # written by the encoder
         return first, stored, await dep(image(), img_id)
 
     first, stored, again = run(go())
-    assert stored == first and again == first and engine.calls == [1] and dep.stats()["shared_cache_hits"] == 1
+    # stored: the answer names it (a ref with its header), the value stays in the cache
+    assert isinstance(first, EmbeddingRef) and first.key == key
+    assert first.header == embedding_header(stored) and first.image_id == img_id
+    assert again == EmbeddingRef(key, {**first.header, "original_size": [40, 60],
+                                       "input_size": first.header["input_size"]})
+    assert engine.calls == [1] and dep.stats()["shared_cache_hits"] == 1
+    assert unpack_embedding(stored, SAM_ID).original_size == (40, 60)
     assert dep.info()["text_model"] is False
+
+
+def test_encoder_answers_the_value_when_the_shared_cache_cannot_store_it(replica):
+    class Refusing(SharedStore):
+        async def set(self, key, value, ttl_s=None):
+            return False  # as RedisStore.set when Redis is down
+
+    engine = FakeEncoder(text=False)
+    dep = ImageEncoder(ARGS, engine=engine, cache=Cached(Refusing()))
+    out = run(dep(image(), "e" * 64))
+    assert isinstance(out, bytes) and unpack_embedding(out, SAM_ID).original_size == (40, 60)
 
 
 # --- PointDecoder ---------------------------------------------------------------------------
@@ -251,7 +278,7 @@ def test_decoder_refuses_an_embedding_of_another_model(replica):
 
 def test_text_bad_item_fails_alone_and_masks_are_cached(replica):
     engine, store = FakeText(), SharedStore()
-    dep = TextMask(ARGS, engine=engine, cache=SimpleNamespace(store=store))
+    dep = TextMask(ARGS, engine=engine, cache=Cached(store))
     dep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
     blob = encoded()
 
@@ -265,7 +292,8 @@ def test_text_bad_item_fails_alone_and_masks_are_cached(replica):
     for ok, key in ((ok1, "k1"), (ok2, "k3")):
         mask = unpack_bits(ok["mask"])
         assert mask.shape == (40, 60) and mask[20, 30]
-        np.testing.assert_array_equal(unpack_mask(run(store.get(key)), TEXT_ID), mask)
+        rle = unpack_mask_rle(run(store.get(key)), TEXT_ID)  # cached as COCO RLE
+        np.testing.assert_array_equal(unpack_bits({"rle": [rle], "shape": (40, 60)}), mask)
     assert run(store.get("k2")) is None
 
 

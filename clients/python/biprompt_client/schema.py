@@ -175,6 +175,9 @@ class SegmentResponse(BaseModel):
                                  "logits of the mask (base64 in JSON)")
     logits_size: int | None = Field(None, description="L of those logits")
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    bytes_moved: dict[str, int] = Field(
+        default_factory=dict, description="payload bytes this request moved between the "
+        "server's replicas, by hop (encoder, points, text, selector) and in total")
     model: ModelIds
 
 
