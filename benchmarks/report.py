@@ -9,6 +9,7 @@ TARGETS = {
     "encoder_vs_limit": 1.5,
     "many_passes": 20,
     "pointdecoder_vs_whole": 0.35,
+    "warm_click_bytes": 64 * 1024,
 }
 # Peak RSS (VmHWM) in MB measured before replicas loaded only their own role's weights, at vit_b
 # scale, on this machine: every model replica then loaded the whole pipeline and freed the rest.
@@ -76,6 +77,10 @@ def ratios(r: dict) -> dict:
         "demo_cold_vs_naive": demo["cold"]["latency_ms"]["median"]
         / naive["demo"]["latency_ms"]["median"],
     }
+    if "bytes_moved" in vitb.get("text_cached", {}):
+        out["warm_click_bytes"] = vitb["text_cached"]["bytes_moved"]["median"]
+        out["session_bytes"] = vitb["session"]["bytes_moved"]["median"]
+        out["cold_bytes"] = vitb["cold"]["bytes_moved"]["median"]
     return out
 
 
@@ -136,6 +141,13 @@ def render(r: dict) -> str:
         "| 200 requests over 20 images: encoder passes | "
         + ", ".join(f"{k}: {v}" for k, v in rat["many_passes"].items())
         + f" | {TARGETS['many_passes']} | {_met('many_passes', rat['many_passes'])} |",
+        *([f"| bytes moved between replicas, warm click (a new point, its text mask cached), "
+           f"vit_b scale: a 256x64x64 float16 embedding as ViT-H's, 640x480 image; p50 (session "
+           f"clicks 2-20, some with a new text: {rat['session_bytes'] / 1024:,.1f} KB; cold: "
+           f"{rat['cold_bytes'] / 1024:,.0f} KB) | {rat['warm_click_bytes'] / 1024:,.1f} KB | "
+           f"<= {TARGETS['warm_click_bytes'] // 1024} KB | "
+           f"{_met('warm_click_bytes', rat['warm_click_bytes'])} |"]
+          if "warm_click_bytes" in rat else []),
         "",
         *_overhead_parts(r["served"]["demo"]),
         f"At demo scale a cold request costs {rat['demo_cold_vs_naive']:.2f}x the naive "

@@ -35,12 +35,15 @@ def breakdown_ms(latency_ms: float, t: dict) -> dict:
     total = t.get("total", 0.0)
     models = max(t.get("point_decoder", 0.0), t.get("text_model", 0.0))
     waits = t.get("models_wait", 0.0) + t.get("selector_wait", 0.0)
+    if not t.get("selector_wait"):  # joined on the PointDecoder: its wait holds the join
+        models += t.get("selector", 0.0)
     return {"http_proxy": latency_ms - total,
             "ingress": total - waits - t.get("cache", 0.0) - t.get("image_decode", 0.0)
             - (t.get("encoder", 0.0) if t.get("encoder") else 0.0),
             "cache": t.get("cache", 0.0),
             "model_hops": t.get("models_wait", 0.0) - models,
-            "selector_hop": t.get("selector_wait", 0.0) - t.get("selector", 0.0)}
+            "selector_hop": (t["selector_wait"] - t.get("selector", 0.0)
+                             if t.get("selector_wait") else 0.0)}
 
 
 def model_ms(t: dict) -> float:
@@ -117,7 +120,11 @@ class Bench:
         lat = [ms for ms, _ in out]
         over = [ms - model_ms(r.timings_ms) for ms, r in out]
         parts = [breakdown_ms(ms, r.timings_ms) for ms, r in out]
+        moved = [r.raw.get("bytes_moved") or {} for _, r in out]
         return {"latency_ms": summary(lat), "overhead_ms": summary(over),
+                "bytes_moved": summary([float(m.get("total", 0)) for m in moved]),
+                "bytes_moved_by_hop": {k: statistics.median(float(m.get(k, 0)) for m in moved)
+                                       for k in ("encoder", "points", "text", "selector")},
                 "model_ms": summary([model_ms(r.timings_ms) for _, r in out]),
                 "overhead_parts_ms": {k: statistics.median(p[k] for p in parts)
                                       for k in parts[0]},
