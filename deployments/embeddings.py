@@ -26,17 +26,17 @@ import numpy as np
 import torch
 
 from biprompt.cache import Cached, unpack_embedding
-from biprompt.errors import BiPromptError
+from biprompt.errors import OverloadedError
 from biprompt.types import ImageEmbedding
 
 REPLICA_EMBEDDINGS = 16  # embeddings a model replica keeps (2-4 MB each at ViT-H scale)
 
 
-class EmbeddingUnavailable(BiPromptError):
+class EmbeddingUnavailable(OverloadedError):
     """A replica could not read the embedding a ref names (evicted, or the cache is down): the
-    Ingress sends the embedding itself instead."""
+    Ingress sends the embedding itself instead (and a 503 to retry, should that fail too)."""
 
-    status = 503
+    type = "embedding_unavailable"
 
 
 @dataclasses.dataclass(frozen=True)

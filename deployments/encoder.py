@@ -58,24 +58,34 @@ class ImageEncoder:
     def stats(self) -> dict:
         return replica_stats(self.clock, self.engine, **self.counts)
 
-    async def __call__(self, rgb: np.ndarray, image_id: str) -> bytes | EmbeddingRef:
+    async def __call__(self, rgb: np.ndarray, image_id: str,
+                       by_value: bool = False) -> bytes | EmbeddingRef:
+        """The image's embedding: a ref once stored in the shared cache, else the value's bytes
+        (`by_value`: always the bytes, for a request resent because a replica could not read
+        the cache)."""
         self.counts["requests"] += 1
         key = embedding_key(self.model_id, image_id)
         if self.cache.store.shared:
-            header = await self.cache.get_embedding_header(key, self.model_id)
-            if header is not None:
-                self.counts["shared_cache_hits"] += 1
-                return EmbeddingRef(key, header)
+            if by_value:
+                blob = await self.cache.get_embedding_blob(key, self.model_id)
+                if blob is not None:
+                    self.counts["shared_cache_hits"] += 1
+                    return blob
+            else:
+                header = await self.cache.get_embedding_header(key, self.model_id)
+                if header is not None:
+                    self.counts["shared_cache_hits"] += 1
+                    return EmbeddingRef(key, header)
         # arrays from another process arrive as read-only views
-        return unwrap(await self._encode((np.array(rgb), image_id, key)))
+        return unwrap(await self._encode((np.array(rgb), image_id, key, by_value)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _encode(self, items: list[tuple[np.ndarray, str, str]]
+    async def _encode(self, items: list[tuple[np.ndarray, str, str, bool]]
                       ) -> list[bytes | EmbeddingRef | Exception]:
         """One encoder call for the batch's distinct images. An image that fails (in
         preprocessing or in the model) fails alone: its slot holds its error (`isolated`)."""
         unique: dict[str, np.ndarray] = {}
-        for rgb, _, key in items:
+        for rgb, _, key, _ in items:
             unique.setdefault(key, rgb)
         embs, ms = await run_model(isolated, self.engine.embed_rgb, list(unique.values()),
                                    "ImageEncoder")
@@ -86,15 +96,18 @@ class ImageEncoder:
         if done:
             metrics()["encoder_images"].inc(done)
         metrics()["batch"].observe(len(unique), tags={"role": "ImageEncoder"})
-        blobs: dict[str, bytes | EmbeddingRef | Exception] = {}
+        blobs: dict[str, bytes | Exception] = {}
+        stored: set[str] = set()
         for key, emb in zip(unique, embs, strict=True):
             if not isinstance(emb, Exception):
                 emb = self._pack(key, emb, ms, len(unique))
             blobs[key] = emb
             if self.cache.store.shared and isinstance(emb, bytes):
                 if await self.cache.store.set(key, emb):  # stored: the replicas read it there
-                    blobs[key] = EmbeddingRef(key, embedding_header(emb))
-        return [blobs[key] for _, _, key in items]
+                    stored.add(key)
+        return [EmbeddingRef(key, embedding_header(blobs[key]))
+                if key in stored and not by_value else blobs[key]
+                for _, _, key, by_value in items]
 
     def _pack(self, key: str, emb, ms: float, batch_size: int) -> bytes | Exception:
         try:

@@ -215,6 +215,12 @@ class Ingress:
         check_model_input(rgb.shape[:2], info["image_size"])
         if moved is not None and key not in self._inflight:  # this request makes the call
             moved["encoder"] = payload_bytes((rgb, img_id))
+        if not refs and self.cache.store.shared:
+            # resent because a replica could not read the cache: the value itself, whatever the
+            # encoder's own view of Redis (its write may succeed where a replica's read failed)
+            if moved is not None:
+                moved["encoder"] = payload_bytes((rgb, img_id))
+            return self.encoder.remote(rgb, img_id, True), rgb.shape[:2], "miss", img_id
         return self._encode(rgb, img_id, key), rgb.shape[:2], "miss", img_id
 
     def _encode(self, rgb, img_id: str, key: str) -> DeploymentResponse:

@@ -193,16 +193,20 @@ def test_encoder_with_a_shared_cache_writes_and_reuses_embeddings(replica):
     async def go():
         first = await dep(image(), img_id)
         stored = await store.get(key)  # written by the encoder
-        return first, stored, await dep(image(), img_id)
+        again = await dep(image(), img_id)
+        # resent by value (a replica could not read the cache): the bytes, cached or encoded
+        by_value = [await dep(image(), img_id, True), await dep(image(), "f" * 64, True)]
+        return first, stored, again, by_value, await store.get(embedding_key(SAM_ID, "f" * 64))
 
-    first, stored, again = run(go())
+    first, stored, again, (cached, fresh), fresh_stored = run(go())
     # stored: the answer names it (a ref with its header), the value stays in the cache
     assert isinstance(first, EmbeddingRef) and first.key == key
     assert first.header == embedding_header(stored) and first.image_id == img_id
     assert again == EmbeddingRef(key, {**first.header, "original_size": [40, 60],
                                        "input_size": first.header["input_size"]})
-    assert engine.calls == [1] and dep.stats()["shared_cache_hits"] == 1
+    assert engine.calls == [1, 1] and dep.stats()["shared_cache_hits"] == 2
     assert unpack_embedding(stored, SAM_ID).original_size == (40, 60)
+    assert cached == stored and isinstance(fresh, bytes) and fresh_stored == fresh
     assert dep.info()["text_model"] is False
 
 
