@@ -65,6 +65,22 @@ def build_engine(role: str, args: AppArgs):
     return engine
 
 
+def chosen_again(engine, role: str, args: AppArgs, clock: ReplicaClock | None = None):
+    """`engine`, or, when `auto` chose its backend at another thread count than the replica now
+    runs with (a replica loads on Ray's one thread, then its user_config's torch_threads applies),
+    the role's engine built, chosen and warmed up again at this count. The new choice is
+    remembered too, so a later start on this machine builds the chosen one directly."""
+    choice = getattr(engine, "backend_choice", None) or {}
+    threads = choice.get("threads")
+    if threads is None or threads == torch.get_num_threads():
+        return engine
+    log.info("the %s backend was chosen on %d threads; the replica runs %d: choosing again",
+             role, threads, torch.get_num_threads())
+    again = build_engine(role, args)
+    warm_up(again, clock)
+    return again
+
+
 def warm_up(engine, clock: ReplicaClock | None = None) -> None:
     """One dummy forward before the replica takes traffic (lazy init, allocator, kernels): it
     runs in the constructor, and Serve counts a replica ready only once that returned. Its

@@ -17,6 +17,7 @@ from biprompt.cache import Cached, embedding_header, embedding_key, pack_embeddi
 from biprompt.engines import ImageEncoderEngine
 from deployments.common import (
     build_engine,
+    chosen_again,
     configure_replica,
     make_cache,
     metrics,
@@ -34,6 +35,7 @@ class ImageEncoder:
     def __init__(self, args: AppArgs, *, engine: ImageEncoderEngine | None = None,
                  cache: Cached | None = None):
         self.clock = ReplicaClock()
+        self.args = args
         self.engine = engine or build_engine("encoder", args)
         self.dtype = args.embedding_dtype
         self.cache = cache or make_cache(args)
@@ -45,6 +47,7 @@ class ImageEncoder:
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._encode, user_config)
+        self.engine = chosen_again(self.engine, "encoder", self.args, self.clock)
 
     def info(self) -> dict:
         text = self.engine.text

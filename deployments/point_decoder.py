@@ -19,6 +19,7 @@ from biprompt.prompts import Prompt
 from biprompt.types import ImageEmbedding
 from deployments.common import (
     build_engine,
+    chosen_again,
     configure_replica,
     make_cache,
     metrics,
@@ -38,6 +39,7 @@ class PointDecoder:
     def __init__(self, args: AppArgs, *, engine: PointDecoderEngine | None = None,
                  cache: Cached | None = None):
         self.clock = ReplicaClock()
+        self.args = args
         self.engine = engine or build_engine("points", args)
         self.embeddings = ReplicaEmbeddings(cache or make_cache(args), self.engine.model_id,
                                             args.replica_embeddings)
@@ -48,6 +50,7 @@ class PointDecoder:
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._decode, user_config)
+        self.engine = chosen_again(self.engine, "points", self.args, self.clock)
 
     def stats(self) -> dict:
         # the engine's backend, how `auto` chose it, and its batched-or-looped choice

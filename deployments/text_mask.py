@@ -16,6 +16,7 @@ from biprompt.errors import InvalidPromptError
 from biprompt.types import ImageEmbedding
 from deployments.common import (
     build_engine,
+    chosen_again,
     configure_replica,
     make_cache,
     metrics,
@@ -34,6 +35,7 @@ class TextMask:
     def __init__(self, args: AppArgs, *, engine: TextMaskEngine | None = None,
                  cache: Cached | None = None):
         self.clock = ReplicaClock()
+        self.args = args
         if engine is None and args.profile().text is not None:
             engine = build_engine("text", args)
         self.engine = engine  # None: the profile has no text model
@@ -47,6 +49,8 @@ class TextMask:
 
     def reconfigure(self, user_config: dict) -> None:
         configure_replica(self._run, user_config)
+        if self.engine is not None:
+            self.engine = chosen_again(self.engine, "text", self.args, self.clock)
 
     def stats(self) -> dict:
         return replica_stats(self.clock, self.engine, **self.counts,

@@ -135,6 +135,7 @@ def choose(role: str, backend: str, builders: Mapping[str, Callable[[], object]]
     if not engines:
         raise RuntimeError(f"no {role} backend could be built: {failed}")
     best, choice = fastest(engines)
+    choice["threads"] = torch.get_num_threads()  # measured at; a replica may change it later
     if failed:
         choice["failed"] = failed
     best.backend_choice = choice

@@ -207,3 +207,30 @@ def test_the_pipeline_runs_on_the_cpu_runtimes(cache, monkeypatch, encoders):
 
 def test_default_engine_is_still_torch(encoders):
     assert type(encoders["torch"]) is ImageEncoderEngine and encoders["torch"].backend == "torch"
+
+
+def test_a_replica_chooses_again_at_the_thread_count_it_runs(tmp_path, monkeypatch):
+    """A replica loads on Ray's one thread, then its user_config sets torch_threads: an `auto`
+    choice made at the other count is made again (and remembered for that count)."""
+    from biprompt.engines import point_decoder_for
+    from deployments.common import chosen_again
+    from deployments.settings import AppArgs
+
+    monkeypatch.setenv("BIPROMPT_CACHE", str(tmp_path))
+    args = AppArgs(model_profile="configs/models/tiny.yaml", backends={"points": "auto"})
+    engine = point_decoder_for(open_sam(None, "tiny", 0), "auto")
+    before = torch.get_num_threads()
+    assert engine.backend_choice["threads"] == before
+    assert chosen_again(engine, "points", args) is engine
+    fixed = point_decoder_for(open_sam(None, "tiny", 0), "torch")
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        again = chosen_again(engine, "points", args)
+        assert again is not engine and again.backend_choice["threads"] == torch.get_num_threads()
+        assert again.batching.measured  # warmed up again: its batching measured at this count
+        assert chosen_again(fixed, "points", args) is fixed  # not chosen by `auto`: kept
+        keys = read_choices(tmp_path / "onnx")
+        assert {k.split("|")[3] for k in keys} == {f"threads={before}",
+                                                   f"threads={torch.get_num_threads()}"}
+    finally:
+        torch.set_num_threads(before)

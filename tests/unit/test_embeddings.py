@@ -132,3 +132,14 @@ def test_payload_bytes():
     assert payload_bytes({"a": arr, "b": [b"xy", 3]}) == 1 + 80 + 1 + 2 + 8
     ref = EmbeddingRef("key", {"image_id": "i"})
     assert payload_bytes(ref) == 3 + 8 + 1
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (1, 1), (0, 5), (7, 3)])
+def test_the_server_writes_the_clients_rle(shape):
+    """Answers' RLE comes from pycocotools' encoder; it must be the light client's string."""
+    from biprompt_client import rle
+
+    from deployments.selector import encode_mask
+
+    m = np.random.default_rng(1).random(shape) > 0.4
+    assert encode_mask(m, "rle") == rle.encode(m)
