@@ -65,6 +65,18 @@ def text_mask_key(sam_id: str, text_id: str, img_id: str, text: str) -> str:
     return f"biprompt:v{FORMAT_VERSION}:txr:{text_id}:{sam_id}:p{PREPROCESS_VERSION}:{img_id}:{digest}"
 
 
+def reference_key(sam_id: str, ref_model_id: str, annotation: str) -> str:
+    """A reference's features (biprompt.engines.reference_mask.annotation_key names the
+    reference image and its annotation)."""
+    return f"biprompt:v{FORMAT_VERSION}:ref:{ref_model_id}:{sam_id}:p{PREPROCESS_VERSION}:{annotation}"
+
+
+def reference_mask_key(sam_id: str, ref_model_id: str, img_id: str, annotation: str) -> str:
+    """The reference expert's mask (COCO RLE) on one target image for one reference."""
+    return (f"biprompt:v{FORMAT_VERSION}:rfr:{ref_model_id}:{sam_id}:p{PREPROCESS_VERSION}:"
+            f"{img_id}:{annotation}")
+
+
 def logits_key(sam_id: str, logits_id: str) -> str:
     return f"biprompt:v{FORMAT_VERSION}:logits:{sam_id}:{logits_id}"
 
@@ -462,8 +474,8 @@ class Cached:
         self.observer("embedding", "miss" if header is None else "hit")
         return header
 
-    async def get_mask_rle(self, key: str, model_id: str) -> dict | None:
-        """A cached text mask as COCO RLE, or None."""
+    async def get_mask_rle(self, key: str, model_id: str, what: str = "text_mask") -> dict | None:
+        """A cached expert mask (text or reference) as COCO RLE, or None."""
         blob = await self.store.get(key)
         rle = None
         if blob is not None:
@@ -471,9 +483,9 @@ class Cached:
                 rle = unpack_mask_rle(blob, model_id)
             except CacheFormatError as exc:
                 log.warning("dropping corrupt cache entry %s: %s", key, exc)
-                self.observer("text_mask", "corrupt")
+                self.observer(what, "corrupt")
                 await self.store.delete(key)
-        self.observer("text_mask", "miss" if rle is None else "hit")
+        self.observer(what, "miss" if rle is None else "hit")
         return rle
 
     async def get_mask(self, key: str, model_id: str) -> np.ndarray | None:

@@ -54,7 +54,7 @@ def resolve_profile_path(path: str | os.PathLike | None = None) -> Path:
 # still asks SAM for three candidates (True: the text mask keeps arbitrating in biprompt mode) or
 # takes SAM's single-mask output (False, SAM's own practice). Chosen by `biprompt eval clicks`
 # (README "Refinement clicks").
-REFINE_MULTIMASK = {"biprompt": True, "point": False, "text": False}
+REFINE_MULTIMASK = {"biprompt": True, "point": False, "text": False, "reference": False}
 # Low-res logits kept server-side for refinement (`logits_id`): an annotator's next click comes
 # within seconds or minutes of the last.
 LOGITS_TTL_S = 3600

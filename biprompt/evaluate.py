@@ -11,6 +11,15 @@ from that single result:
   fallback; ties go to the higher predicted IoU, then the lower index);
 - BiPrompt (served): the mask the pipeline returns (with its agreement fallback);
 - oracle: the candidate with the highest IoU against the ground truth (the ceiling of selection).
+
+With a reference model (the profile's `reference_model`), every sample is also a reference
+episode (biprompt.data.episodes: a reference object of the target's colour, shape and size from a
+fresh scene of the same generator, annotated by its mask) and the rows add:
+- reference-only: the reference expert's mask;
+- point+reference: the candidate with the highest IoU against the reference mask;
+- point+text+reference: the candidate the two experts pick together, under each selection rule
+  (biprompt.selection.RULES: mean, confident), without the agreement fallback;
+and BiPrompt (served) is then the answer with both experts voting.
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from biprompt.data import shapes_ref, shapes_ref_b
+from biprompt.data.episodes import make_episodes
 from biprompt.metrics import Scores
-from biprompt.selection import select
+from biprompt.selection import RULES, select
 
 POINT, TEXT, BIPROMPT, SERVED, ORACLE = (
     "point-only", "text-only", "BiPrompt", "BiPrompt (served)", "oracle",
 )  # fmt: skip
 METHODS: tuple[str, ...] = (POINT, TEXT, BIPROMPT, SERVED, ORACLE)
+REF_ONLY, POINT_REF = "reference-only", "point+reference"
+ALL_RULES = {rule: f"point+text+reference ({rule})" for rule in RULES}
+REFERENCE_METHODS: tuple[str, ...] = (REF_ONLY, POINT_REF, *ALL_RULES.values())
 SUBSETS: tuple[str, ...] = ("all", "ambiguous")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILES = ("configs/models/demo.yaml", "configs/models/tiny.yaml")
@@ -67,8 +80,21 @@ def method_masks(result, gt_mask: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def reference_method_masks(result) -> dict[str, np.ndarray]:
+    """The reference rows' masks, from one result with both experts' masks."""
+    cands, scores = result.candidates, np.asarray(result.candidate_scores, dtype=np.float64)
+    ref = result.expert_masks["reference"]
+    both = {"text": result.text_mask, "reference": ref}
+    out = {REF_ONLY: ref, POINT_REF: cands[select(cands, scores, {"reference": ref},
+                                                  mode="reference").selected]}
+    for rule, name in ALL_RULES.items():
+        out[name] = cands[select(cands, scores, both, "biprompt", 0.0, rule).selected]
+    return out
+
+
 # ShapesRef scene generators: ours, and a second one written from the spec alone
 GENERATORS = {"a": shapes_ref.make_samples, "b": shapes_ref_b.make_samples}
+SCENES = {"a": shapes_ref.generate_scene, "b": shapes_ref_b.generate_scene}
 
 
 def evaluate_shapes(
@@ -79,31 +105,44 @@ def evaluate_shapes(
     width: int = 256,
     progress: bool = False,
     generator: str = "a",
+    reference: bool | None = None,
 ) -> dict:
     """Score every method on the first `n` ShapesRef samples of `seed` from `generator` (a: ours,
-    b: biprompt.data.shapes_ref_b); a JSON-able dict."""
+    b: biprompt.data.shapes_ref_b); a JSON-able dict. reference: also score the reference
+    episodes (None: when the pipeline has a reference model)."""
     if pipeline.text is None:
         raise ValueError("evaluating ShapesRef needs a pipeline with a text model")
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; use one of {sorted(GENERATORS)}")
     samples = GENERATORS[generator](n, seed, height, width)
-    scores = {m: {s: Scores() for s in SUBSETS} for m in METHODS}
+    if reference is None:
+        reference = pipeline.reference is not None
+    methods = METHODS + (REFERENCE_METHODS if reference else ())
+    episodes = (make_episodes(samples, SCENES[generator], seed, height, width) if reference
+                else [None] * len(samples))
+    scores = {m: {s: Scores() for s in SUBSETS} for m in methods}
     strategies: Counter[str] = Counter()
-    it = samples
+    it = list(zip(samples, episodes, strict=True))
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            it = tqdm(samples, unit="sample", file=sys.stderr)
+            it = tqdm(it, unit="sample", file=sys.stderr)
         except ImportError:  # pragma: no cover - tqdm is a dependency of the full install
             pass
     t0 = time.perf_counter()
-    for sample in it:
+    for sample, episode in it:
         emb = pipeline.embed(sample.image)
+        ref = None
+        if episode is not None:
+            ref = pipeline.encode_reference(episode.reference.image, mask=episode.reference_mask)
         res = pipeline.segment(emb, [list(sample.point_index)], text=sample.expression,
-                               mode="biprompt")
+                               mode="biprompt", reference=ref)
         strategies[res.strategy] += 1
-        for method, mask in method_masks(res, sample.gt_mask).items():
+        masks = method_masks(res, sample.gt_mask)
+        if episode is not None:
+            masks.update(reference_method_masks(res))
+        for method, mask in masks.items():
             scores[method]["all"].add(mask, sample.gt_mask)
             if sample.ambiguous:
                 scores[method]["ambiguous"].add(mask, sample.gt_mask)
@@ -116,7 +155,8 @@ def evaluate_shapes(
         "width": width,
         "n_ambiguous": sum(bool(s.ambiguous) for s in samples),
         "model": dict(pipeline.model_ids),
-        "methods": {m: {s: summarize(scores[m][s]) for s in SUBSETS} for m in METHODS},
+        "reference": bool(reference),
+        "methods": {m: {s: summarize(scores[m][s]) for s in SUBSETS} for m in methods},
         "seconds": round(seconds, 3),
         "strategies": dict(sorted(strategies.items())),
     }
@@ -183,6 +223,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="canvas, width x height (default 256x256)")
     s.add_argument("--json", dest="json_out", metavar="FILE", help="also write the result here")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score reference episodes (default: when the profile has a "
+                        "reference_model)")
     s.add_argument("--generator", choices=sorted(GENERATORS), default="a",
                    help="scene generator: a (ours, the default) or b (a second one written from "
                         "the spec alone: biprompt/data/shapes_ref_b.py)")
@@ -221,7 +264,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 0
     result = evaluate_shapes(pipeline, n=args.n, seed=args.seed, height=height, width=width,
                              progress=not args.no_progress and sys.stderr.isatty(),
-                             generator=args.generator)
+                             generator=args.generator, reference=args.reference)
     result["profile"] = str(profile)
     print(format_table(result))
     print(f"\n{result['seconds']:.1f} s; strategies {result['strategies']}; "

@@ -28,6 +28,7 @@ from biprompt.engines import (
     text_mask_for,
 )
 from biprompt.engines.base import resolve_dtype
+from biprompt.engines.reference_mask import Reference, ReferenceMaskEngine
 from biprompt.engines.text_mask import check_pairing
 from biprompt.errors import InvalidImageError, InvalidPromptError
 from biprompt.factory import (
@@ -39,6 +40,7 @@ from biprompt.factory import (
 from biprompt.join import join
 from biprompt.profile import ModelProfile, SamConfig, TextModelConfig
 from biprompt.prompts import Prompt, make_prompt
+from biprompt.selection import DEFAULT_RULE, RULES
 from biprompt.types import ImageEmbedding, PointCandidates, SegmentResult
 
 __all__ = ["BiPromptPipeline", "resolve_dtype"]
@@ -51,13 +53,19 @@ class BiPromptPipeline:
         decoder: PointDecoderEngine,
         text: TextMaskEngine | None = None,
         *,
+        reference: ReferenceMaskEngine | None = None,
         agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
+        rule: str = DEFAULT_RULE,
         name: str | None = None,
     ):
-        if decoder.model_id != encoder.model_id or (text and text.sam_model_id != encoder.model_id):
+        if decoder.model_id != encoder.model_id or any(
+                e is not None and e.sam_model_id != encoder.model_id for e in (text, reference)):
             raise ValueError("the engines were built from different SAM checkpoints")
+        if rule not in RULES:
+            raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
         self.encoder, self.decoder, self.text = encoder, decoder, text
-        self.agreement_threshold = agreement_threshold
+        self.reference = reference
+        self.agreement_threshold, self.rule = agreement_threshold, rule
         self.name = name or encoder.model_id
 
     # --- construction -----------------------------------------------------------------------
@@ -83,8 +91,10 @@ class BiPromptPipeline:
         encoder = encoder_for(sam, info, p.backends.encoder, fast_encoder=p.sam.fast_encoder,
                               max_pixels=max_pixels, **place, **runtime)
         decoder = point_decoder_for(sam, p.backends.points, **place, **runtime)
-        return cls(encoder, decoder, text, agreement_threshold=p.agreement_threshold,
-                   name=p.name)
+        reference = (ReferenceMaskEngine.from_profile(p, sam, **place)
+                     if p.reference is not None else None)
+        return cls(encoder, decoder, text, reference=reference,
+                   agreement_threshold=p.agreement_threshold, rule=p.selection_rule, name=p.name)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> BiPromptPipeline:
@@ -153,7 +163,8 @@ class BiPromptPipeline:
 
     @property
     def model_ids(self) -> dict[str, str | None]:
-        return {"sam": self.encoder.model_id, "text": self.text.model_id if self.text else None}
+        return {"sam": self.encoder.model_id, "text": self.text.model_id if self.text else None,
+                "reference": self.reference.model_id if self.reference else None}
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +187,8 @@ class BiPromptPipeline:
         out = {**self.encoder.weights(), **self.decoder.weights()}
         if self.text is not None:
             out.update(self.text.weights())
+        if self.reference is not None:
+            out.update(self.reference.weights())
         return out
 
     # --- encoder ----------------------------------------------------------------------------
@@ -217,13 +230,34 @@ class BiPromptPipeline:
             raise InvalidPromptError("this pipeline has no text model: it serves point prompts only")
         return self.text
 
-    # --- both -------------------------------------------------------------------------------
+    def _reference(self) -> ReferenceMaskEngine:
+        if self.reference is None:
+            raise InvalidPromptError("this pipeline has no reference model: add a "
+                                     "reference_model to its profile")
+        return self.reference
+
+    def encode_reference(self, image_or_embedding, *, mask=None, points=None, labels=None,
+                         box=None) -> Reference:
+        """A reference ("segment things like this one"): an image (or its embedding) and one
+        annotated object on it, as an HxW bool `mask`, or `points`/`labels` and/or a `box` that
+        SAM turns into the mask. Encode once, pass to every later `segment(reference=...)`."""
+        emb = self._embedding(image_or_embedding)
+        return self._reference().encode_reference(emb, mask=mask, points=points, labels=labels,
+                                                  box=box)
+
+    def reference_masks(self, embeddings: Sequence[ImageEmbedding],
+                        references: Sequence[Reference]) -> list[np.ndarray]:
+        """The reference expert's mask for each (target embedding i, reference i), batched."""
+        return self._reference().reference_masks(embeddings, [r.features for r in references])
+
+    # --- all of them --------------------------------------------------------------------------
 
     def segment(self, image_or_embedding, points=None, labels=None, *, text: str | None = None,
                 mode: str = "biprompt", box=None, mask_input=None,
-                multimask: bool | None = None) -> SegmentResult:
+                multimask: bool | None = None, reference: Reference | None = None) -> SegmentResult:
         """Segment one object. points: [[x, y], ...] in original-image pixels; labels: 1/0 each
-        (default all 1); text: a referring expression; mode: biprompt | point | text.
+        (default all 1); text: a referring expression; reference: from `encode_reference`;
+        mode: biprompt | point | text | reference. Every expert given votes on SAM's candidates.
 
         Refinement: pass the previous answer's `low_res_logits` as `mask_input` with every
         click so far (positive 1, negative 0); no encoder pass, the embedding is reused.
@@ -231,13 +265,21 @@ class BiPromptPipeline:
         emb = self._embedding(image_or_embedding)
         prompt = make_prompt(emb.original_size, points, labels, box=box, text=text, mode=mode,
                              mask_input=mask_input, multimask=multimask)
-        return self.segment_batch(emb, [prompt])[0]
+        return self.segment_batch(emb, [prompt], reference=reference)[0]
 
-    def segment_batch(self, image_or_embedding, prompts: Sequence[Prompt | dict]) -> list[SegmentResult]:
+    def segment_batch(self, image_or_embedding, prompts: Sequence[Prompt | dict], *,
+                      reference: Reference | None = None) -> list[SegmentResult]:
         """Many prompts on one image (e.g. one point per instance): one encoder pass, one batched
-        decoder call per prompt shape, one batched text-model call over the distinct texts."""
+        decoder call per prompt shape, one batched text-model call over the distinct texts, one
+        reference-expert call (`reference` votes on every prompt but point-mode ones)."""
         emb = self._embedding(image_or_embedding)
         ps = [p if isinstance(p, Prompt) else make_prompt(emb.original_size, **p) for p in prompts]
+        for p in ps:
+            if p.mode == "reference" and reference is None:
+                raise InvalidPromptError("mode 'reference' needs a reference")
+        ref_mask = None
+        if reference is not None and any(p.mode != "point" for p in ps):
+            ref_mask = self.reference_masks([emb], [reference])[0]
         # mode 'point' ignores the text: it doesn't pay for the text model
         wants_text = [p.text is not None and p.mode != "point" for p in ps]
         for p, w in zip(ps, wants_text, strict=True):
@@ -248,6 +290,7 @@ class BiPromptPipeline:
                          strict=True))
         texts = sorted({p.text.strip() for p, w in zip(ps, wants_text, strict=True) if w})
         masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=True))
-        return [join(cands.get(i), {"text": masks[p.text.strip()] if w else None}, p.mode,
-                     self.agreement_threshold)
+        return [join(cands.get(i), {"text": masks[p.text.strip()] if w else None,
+                                    "reference": ref_mask if p.mode != "point" else None},
+                     p.mode, self.agreement_threshold, self.rule)
                 for i, (p, w) in enumerate(zip(ps, wants_text, strict=True))]

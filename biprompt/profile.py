@@ -36,7 +36,7 @@ def read_profile(path: str | Path) -> dict:
         raise ModelConfigError(f"could not read model profile {path}: {exc}") from None
     if not isinstance(profile, dict):
         raise ModelConfigError(f"{path}: a model profile is a mapping, got {type(profile).__name__}")
-    for section in ("sam", "text_model"):
+    for section in ("sam", "text_model", "reference_model"):
         part = profile.get(section) or {}
         ckpt = part.get("checkpoint")
         if isinstance(ckpt, str):
@@ -104,6 +104,15 @@ class TextModelConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceModelConfig:
+    """The reference-image expert (biprompt.models.vrp): a VRP checkpoint directory."""
+
+    checkpoint: str | None = None
+    random: bool = False  # random small weights (the tiny profile)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     name: str | None = None  # None: the SAM model id
     sam: SamConfig = field(default_factory=SamConfig)
@@ -112,6 +121,8 @@ class ModelProfile:
     device: str = "cpu"
     dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
     backends: Backends = field(default_factory=Backends)
+    reference: ReferenceModelConfig | None = None
+    selection_rule: str = "mean"  # biprompt.selection.RULES: how several experts' votes combine
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
@@ -127,7 +138,17 @@ class ModelProfile:
                 seed=int(text.get("seed", 0)),
                 max_tokens=int(limits.get("max_tokens", MAX_TEXT_TOKENS)),
                 max_chars=int(limits.get("max_chars", MAX_TEXT_CHARS)))
+        ref = d.get("reference_model")
+        ref_cfg = None
+        if ref:
+            if not ref.get("checkpoint") and not ref.get("random"):
+                raise ModelConfigError("reference_model needs a checkpoint, or random: true")
+            ref_cfg = ReferenceModelConfig(checkpoint=ref.get("checkpoint"),
+                                           random=bool(ref.get("random")),
+                                           seed=int(ref.get("seed", 0)))
         sel = d.get("selection") or {}
+        if str(sel.get("rule", "mean")) not in ("mean", "confident"):
+            raise ModelConfigError(f"selection.rule is {sel.get('rule')!r}; use mean or confident")
         alias = sam.get("decoder_backend")
         if alias is not None and str(alias) not in BACKENDS:
             raise ModelConfigError(f"sam.decoder_backend is {alias!r}; use one of "
@@ -145,6 +166,8 @@ class ModelProfile:
             device=str(d.get("device", "cpu")),
             dtype=d.get("dtype"),
             backends=backends,
+            reference=ref_cfg,
+            selection_rule=str(sel.get("rule", "mean")),
         )
 
     @classmethod

@@ -8,8 +8,16 @@ Rules (the paper states none of these; they are ours):
   `agreement_threshold`, the point is trusted over the experts: SAM's top candidate is returned
   and `strategy` says why (`fallback_*`). With one expert this is the paper's rule.
 - point: SAM's top candidate (highest predicted IoU).
-- an expert's name (today: text): that expert's own mask is the answer; `selected` still names
-  the candidate that agrees best with it.
+- an expert's name (text, reference): that expert's own mask is the answer; `selected` still
+  names the candidate that agrees best with it.
+
+How the voting experts combine (`rule`, measured by `biprompt eval shapes --reference`):
+- mean: a candidate's vote is its mean IoU over the voting experts;
+- confident: the expert whose best IoU with any candidate is highest (the one that most clearly
+  recognises one of SAM's masks) decides alone.
+With one expert both are the paper's rule. `expert_agreement` is the lowest IoU between two
+voting experts' masks (None with fewer than two): low means the experts saw different objects,
+the case for a human.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import numpy as np
 
 from biprompt.config import DEFAULT_AGREEMENT_THRESHOLD
 
-MODES = ("biprompt", "point", "text")
-EXPERT_MODES = ("text",)  # modes that answer with one expert's own mask
+MODES = ("biprompt", "point", "text", "reference")
+EXPERT_MODES = ("text", "reference")  # modes that answer with one expert's own mask
+RULES = ("mean", "confident")
+DEFAULT_RULE = "mean"
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class Selection:
     strategy: str  # biprompt | point | text | fallback_no_text | fallback_empty_text | fallback_low_agreement
     agreement: float | None  # the chosen candidate's vote (mean IoU over the voting experts)
     ious: Mapping[str, np.ndarray] = field(default_factory=dict)  # expert -> (K,) IoU per candidate
+    expert_agreement: float | None = None  # lowest IoU between two voting experts' masks
 
     @property
     def text_ious(self) -> np.ndarray | None:
@@ -45,6 +56,26 @@ def mask_ious(candidates: np.ndarray, mask: np.ndarray) -> np.ndarray:
     inter = np.logical_and(c, m).sum(axis=1, dtype=np.int64)
     union = np.logical_or(c, m).sum(axis=1, dtype=np.int64)
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def expert_agreement(experts: Mapping[str, np.ndarray]) -> float | None:
+    """The lowest pairwise IoU between the non-empty expert masks (None: fewer than two)."""
+    masks = [m for m in experts.values() if m is not None and m.any()]
+    if len(masks) < 2:
+        return None
+    lows = [float(mask_ious(a[None], b)[0]) for i, a in enumerate(masks) for b in masks[i + 1:]]
+    return min(lows)
+
+
+def combine(ious: Mapping[str, np.ndarray], voters: list[str], rule: str = DEFAULT_RULE) -> np.ndarray:
+    """(K,) votes of the candidates from the voting experts' IoUs, by `rule`."""
+    if rule == "mean" or len(voters) == 1:
+        return np.mean([ious[n] for n in voters], axis=0)
+    if rule == "confident":
+        # max over candidates per expert; ties go to the first voter (experts keep their order)
+        lead = max(voters, key=lambda n: (float(ious[n].max()), -voters.index(n)))
+        return np.asarray(ious[lead], dtype=np.float64)
+    raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
 
 
 def _best(votes: np.ndarray, scores: np.ndarray) -> int:
@@ -67,11 +98,14 @@ def select(
     experts: Mapping[str, np.ndarray] | np.ndarray | None,
     mode: str = "biprompt",
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
+    rule: str = DEFAULT_RULE,
 ) -> Selection:
     """candidates: KxHxW bool; scores: (K,) SAM's predicted IoUs; experts: {name: HxW bool}
-    (a bare HxW mask is the text expert's; None: no expert)."""
+    (a bare HxW mask is the text expert's; None: no expert); rule: mean | confident."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
     experts = _as_experts(experts)
     scores = np.asarray(scores, dtype=np.float64)
     k = len(scores)
@@ -81,17 +115,18 @@ def select(
     if not experts:
         return Selection(top, "point" if mode == "point" else "fallback_no_text", None)
     ious = {name: (mask_ious(candidates, m) if k else np.zeros(0)) for name, m in experts.items()}
+    between = expert_agreement(experts)
     voters = [mode] if mode in EXPERT_MODES else [n for n, m in experts.items() if m.any()]
     if mode == "point":
         votes = np.mean([ious[n] for n in experts], axis=0)
-        return Selection(top, "point", float(votes[top]) if k else None, ious)
+        return Selection(top, "point", float(votes[top]) if k else None, ious, between)
     if not voters:
-        return Selection(top, "fallback_empty_" + "_".join(sorted(experts)), 0.0, ious)
-    votes = np.mean([ious[n] for n in voters], axis=0) if k else np.zeros(0)
+        return Selection(top, "fallback_empty_" + "_".join(sorted(experts)), 0.0, ious, between)
+    votes = combine(ious, voters, rule) if k else np.zeros(0)
     best = _best(votes, scores) if k else 0
     agreement = float(votes[best]) if k else None
     if mode in EXPERT_MODES:
-        return Selection(best, mode, agreement, ious)
+        return Selection(best, mode, agreement, ious, between)
     if agreement is not None and agreement < agreement_threshold:
-        return Selection(top, "fallback_low_agreement", agreement, ious)
-    return Selection(best, "biprompt", agreement, ious)
+        return Selection(top, "fallback_low_agreement", agreement, ious, between)
+    return Selection(best, "biprompt", agreement, ious, between)

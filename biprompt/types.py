@@ -49,3 +49,4 @@ class SegmentResult:
     expert_ious: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (K,) per candidate
     # the selected candidate's LxL low-res logits: the next refinement click's mask_input
     low_res_logits: np.ndarray | None = None
+    expert_agreement: float | None = None  # lowest IoU between two voting experts' masks

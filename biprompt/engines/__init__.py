@@ -20,6 +20,7 @@ from biprompt.engines.exported import modules_digest
 from biprompt.engines.exported_encoder import ExportedEncoderEngine
 from biprompt.engines.onnx_decoder import OnnxPointDecoderEngine, weights_digest
 from biprompt.engines.point_decoder import PointDecoderBase, PointDecoderEngine
+from biprompt.engines.reference_mask import ReferenceMaskEngine
 from biprompt.engines.text_mask import TextMaskEngine, check_pairing
 from biprompt.errors import ModelConfigError
 from biprompt.factory import (
@@ -34,11 +35,12 @@ from biprompt.profile import ModelProfile
 
 log = logging.getLogger(__name__)
 
-ENGINES = {"encoder": ImageEncoderEngine, "points": PointDecoderEngine, "text": TextMaskEngine}
+ENGINES = {"encoder": ImageEncoderEngine, "points": PointDecoderEngine, "text": TextMaskEngine,
+           "reference": ReferenceMaskEngine}
 RUNTIME_OPTIONS = ("threads", "cache_dir")  # the exported backends' own options
 
 __all__ = ["ENGINES", "ExportedEncoderEngine", "ImageEncoderEngine", "OnnxPointDecoderEngine",
-           "PointDecoderBase", "PointDecoderEngine", "TextMaskEngine", "encoder_for",
+           "PointDecoderBase", "PointDecoderEngine", "ReferenceMaskEngine", "TextMaskEngine", "encoder_for",
            "engine_from_profile", "point_decoder_for", "point_decoder_from_profile",
            "text_mask_for"]
 
@@ -51,14 +53,18 @@ def _split(options: dict) -> tuple[dict, dict]:
 
 def engine_from_profile(role: str, profile: ModelProfile | dict | str | None, *,
                         backend: str | None = None, **options):
-    """The engine of `role` ("encoder", "points", "text") for a model profile, on the
+    """The engine of `role` ("encoder", "points", "text", "reference") for a model profile, on the
     profile's backend for that role (`backend` overrides)."""
     p = ModelProfile.load(profile)
     if role not in ENGINES:
         raise ModelConfigError(f"unknown role {role!r}; use one of {', '.join(ENGINES)}")
-    backend = backend or p.backends.get(role)
     src = open_sam(p.sam.checkpoint, p.sam.variant, p.sam.seed)
     options = {"device": p.device, "dtype": p.dtype, **options}
+    if role == "reference":  # torch only: a small model next to the decoder it drives
+        if backend not in (None, "torch", "auto"):
+            raise ModelConfigError(f"the reference model runs on torch only, not {backend!r}")
+        return ReferenceMaskEngine.from_profile(p, src, **options)
+    backend = backend or p.backends.get(role)
     if role == "points":
         return point_decoder_for(src, backend, **options)
     if role == "encoder":

@@ -104,9 +104,14 @@ def mask_losses(logits: torch.Tensor, gt: torch.Tensor, size: int) -> tuple[torc
 
     Computed at half the model's input size (2x the low-res grid) against area-averaged (soft)
     targets: a quarter of the full-size cost, for a boundary still finer than the logits'."""
-    half = size // 2
+    return half_res_losses(logits, F.avg_pool2d(gt, 2))
+
+
+def half_res_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_losses` against Bx1x(S/2)x(S/2) soft targets already at half the input size."""
+    half = target.shape[-1]
     up = F.interpolate(logits, (half, half), mode="bilinear", align_corners=False)
-    target = F.avg_pool2d(gt, 2).expand_as(up)
+    target = target.expand_as(up)
     bce = F.binary_cross_entropy_with_logits(up, target, reduction="none").mean((2, 3))
     p = up.sigmoid()
     inter = (p * target).sum((2, 3))

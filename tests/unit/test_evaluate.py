@@ -17,6 +17,7 @@ from biprompt.evaluate import (
     METHODS,
     ORACLE,
     POINT,
+    REFERENCE_METHODS,
     SERVED,
     TEXT,
     best_candidate,
@@ -44,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def result(tiny_pipeline):
-    return evaluate_shapes(tiny_pipeline, n=N, seed=SEED)
+    return evaluate_shapes(tiny_pipeline, n=N, seed=SEED, reference=False)
 
 
 def test_structure(result, tiny_pipeline):
@@ -80,7 +81,7 @@ def test_n_ambiguous(result):
 
 
 def test_deterministic(result, tiny_pipeline):
-    again = evaluate_shapes(tiny_pipeline, n=N, seed=SEED)
+    again = evaluate_shapes(tiny_pipeline, n=N, seed=SEED, reference=False)
     a, b = dict(result), dict(again)
     a.pop("seconds"), b.pop("seconds")
     assert a == b
@@ -158,7 +159,7 @@ def test_main_writes_json(tmp_path, capsys):
     assert rc == 0
     data = json.loads(out.read_text())
     assert (data["n"], data["seed"], data["width"], data["height"]) == (3, 1, 320, 240)
-    assert set(data["methods"]) == set(METHODS)
+    assert set(data["methods"]) == set(METHODS) | set(REFERENCE_METHODS)
     assert "| oracle |" in capsys.readouterr().out
 
 
@@ -213,9 +214,38 @@ def test_nan_free(result):
 def test_the_second_generator_is_scored_the_same_way(tiny_pipeline):
     from biprompt.data.shapes_ref_b import make_samples as make_b
 
-    res = evaluate_shapes(tiny_pipeline, n=4, seed=SEED, generator="b")
+    res = evaluate_shapes(tiny_pipeline, n=4, seed=SEED, generator="b", reference=False)
     assert res["generator"] == "b" and set(res["methods"]) == set(METHODS)
     assert res["n_ambiguous"] == sum(s.ambiguous for s in make_b(4, SEED))
     assert "ShapesRef (b)" in format_table(res)
     with pytest.raises(ValueError, match="unknown generator"):
         evaluate_shapes(tiny_pipeline, n=1, generator="c")
+
+
+@pytest.mark.parametrize("generator", ["a", "b"])
+def test_reference_episodes_add_every_expert_combination(tiny_pipeline, generator):
+    """The tiny profile has a reference model: by default every sample is a reference episode
+    too, and the rows cover point, text, reference, the pairs, all three and the oracle."""
+    res = evaluate_shapes(tiny_pipeline, n=4, seed=SEED, generator=generator)
+    assert res["reference"] is True
+    assert set(res["methods"]) == set(METHODS) | set(REFERENCE_METHODS)
+    m = res["methods"]
+    for name in ("point+reference", "point+text+reference (mean)",
+                 "point+text+reference (confident)"):  # candidates: the oracle bounds them
+        assert m[ORACLE]["all"]["miou"] >= m[name]["all"]["miou"] - 1e-12, name
+    table = format_table(res)
+    assert "| reference-only |" in table and "| point+text+reference (mean) |" in table
+
+
+def test_reference_episodes_are_seeded_and_match_the_target_class():
+    from biprompt.data.episodes import make_episodes, object_class
+    from biprompt.data.shapes_ref import generate_scene
+
+    samples = make_samples(6, SEED)
+    a = make_episodes(samples, generate_scene, SEED, 256, 256)
+    b = make_episodes(samples, generate_scene, SEED, 256, 256)
+    for ea, eb, s in zip(a, b, samples, strict=True):
+        assert object_class(ea.reference.objects[ea.reference_object]) == object_class(
+            s.target_object)
+        assert np.array_equal(ea.reference_mask, eb.reference_mask)
+        assert ea.reference.image is not s.image

@@ -90,3 +90,43 @@ def test_multi_instance_prompts_on_one_image(tiny_pipeline, rgb_image):
         assert (np.abs(r.text_ious - single.text_ious) <= drift + 1e-12).all()
         assert_same_choice(r.selected, single.text_ious, drift)
         assert r.strategy == single.strategy  # agreements ~0.35, the profile's threshold 0.1
+
+
+def test_rules_combine_several_experts():
+    """mean: the average IoU over the experts; confident: the expert whose best IoU with a
+    candidate is highest decides alone. One expert: both are the paper's rule."""
+    text = masks_from_boxes([(0, 20, 0, 14)])[0]  # the whole, loosely (IoU 0.7 with it)
+    reference = masks_from_boxes([(3, 13, 5, 15)])[0]  # the object, shifted (IoU 0.67)
+    experts = {"text": text, "reference": reference}
+    ious = {k: mask_ious(CANDS, m) for k, m in experts.items()}
+    mean = select(CANDS, SCORES, experts, rule="mean")
+    votes = (ious["text"] + ious["reference"]) / 2
+    assert mean.selected == int(np.argmax(votes)) and mean.agreement == pytest.approx(votes.max())
+    confident = select(CANDS, SCORES, experts, rule="confident")
+    assert confident.selected == 2 and confident.agreement == pytest.approx(ious["text"][2])
+    assert mean.selected == 1  # the text's 0.31 on the object tips the mean: the rules differ
+    for rule in ("mean", "confident"):
+        assert select(CANDS, SCORES, {"reference": reference}, rule=rule).selected == 1
+    with pytest.raises(ValueError, match="rule"):
+        select(CANDS, SCORES, experts, rule="vote")
+
+
+def test_expert_agreement_is_the_lowest_pairwise_iou():
+    a = masks_from_boxes([(0, 10, 0, 10)])[0]
+    b = masks_from_boxes([(0, 10, 0, 5)])[0]
+    c = masks_from_boxes([(10, 20, 10, 20)])[0]
+    assert select(CANDS, SCORES, {"text": a}).expert_agreement is None
+    assert select(CANDS, SCORES, {"text": a, "reference": b}).expert_agreement == pytest.approx(0.5)
+    three = select(CANDS, SCORES, {"text": a, "reference": b, "other": c})
+    assert three.expert_agreement == 0.0
+    # an empty expert mask abstains from the vote and from the agreement
+    empty = np.zeros_like(a)
+    assert select(CANDS, SCORES, {"text": a, "reference": empty}).expert_agreement is None
+
+
+def test_reference_mode_answers_with_the_reference_mask():
+    ref = masks_from_boxes([(5, 15, 5, 14)])[0]
+    sel = select(CANDS, SCORES, {"text": CANDS[0], "reference": ref}, mode="reference")
+    assert (sel.strategy, sel.selected) == ("reference", 1)
+    with pytest.raises(ValueError, match="reference mask"):
+        select(CANDS, SCORES, {"text": CANDS[0]}, mode="reference")
