@@ -15,6 +15,7 @@ from ray import serve
 
 from biprompt.cache import Cached, embedding_header, embedding_key, pack_embedding
 from biprompt.engines import ImageEncoderEngine
+from biprompt.engines.reference_mask import reference_model_id
 from deployments.common import (
     build_engine,
     chosen_again,
@@ -51,11 +52,15 @@ class ImageEncoder:
 
     def info(self) -> dict:
         text = self.engine.text
+        ref = self.args.profile().reference if self.args is not None else None
         return {
-            "model": {"sam": self.model_id, "text": text.model_id if text else None},
+            "model": {"sam": self.model_id, "text": text.model_id if text else None,
+                      "reference": (reference_model_id(ref, self.engine.spec)
+                                    if ref is not None else None)},
             "sam_variant": self.engine.spec.name,
             "image_size": self.engine.spec.img_size,
             "text_model": text is not None,
+            "reference_model": ref is not None,
         }
 
     def stats(self) -> dict:

@@ -3,8 +3,8 @@ lookups and the fan-out; no model math.
 
 One segment request:
     hash the image -> embedding cache -> (miss) ImageEncoder, single-flight per image
-      -> PointDecoder and TextMask in parallel on the same embedding (DeploymentResponses passed
-         along, not awaited) -> Selector joins them -> response.
+      -> PointDecoder, TextMask and ReferenceMask (with a reference: its image's embedding the
+         same way) in parallel on the same embedding -> Selector joins them -> response.
 
 No `from __future__ import annotations` here: FastAPI must resolve the route signatures' types.
 """
@@ -49,12 +49,15 @@ from biprompt.cache import (
     logits_key,
     pack_logits,
     pack_mask_rle,
+    reference_key,
+    reference_mask_key,
     text_mask_key,
     unpack_logits,
 )
 from biprompt.cache import image_id as hash_image
 from biprompt.config import LOGITS_TTL_S, MAX_POINTS, MAX_TEXT_TOKENS
 from biprompt.config import MAX_TEXT_CHARS as MODEL_TEXT_CHARS
+from biprompt.engines.reference_mask import annotation_key
 from biprompt.errors import (
     InvalidInputError,
     InvalidPromptError,
@@ -65,7 +68,7 @@ from biprompt.errors import (
 from biprompt.images import decode_image_bytes
 from biprompt.preprocess import check_model_input
 from biprompt.prompts import make_prompt
-from deployments.common import make_cache, replica_stats
+from deployments.common import make_cache, pack_rle, replica_stats
 from deployments.embeddings import EmbeddingRef, EmbeddingUnavailable, header_of, payload_bytes
 from deployments.http import (
     PUBLIC_PATHS,
@@ -99,9 +102,10 @@ class Ingress:
 
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle,
                  text: DeploymentHandle, selector: DeploymentHandle, args: AppArgs, *,
-                 cache: Cached | None = None):
+                 cache: Cached | None = None, reference: DeploymentHandle | None = None):
         self.clock = ReplicaClock()
         self.encoder, self.decoder, self.text, self.selector = encoder, decoder, text, selector
+        self.reference = reference
         self.args = args
         self.cache = cache or make_cache(args)
         self.api_key = args.api_key or None
@@ -312,22 +316,30 @@ class Ingress:
         emb = await _settled(emb)
         if "encoder" in moved:  # the encoder took the decoded image; this is its answer
             moved["encoder"] += payload_bytes(emb)
+        reference, reference_cache = None, None
+        if req.reference is not None and prompt.mode != "point":
+            reference, reference_cache = await self._reference_mask(
+                emb, req.reference, img_id, info, timings, refs, moved)
+        elif prompt.mode == "reference":
+            raise InvalidPromptError("mode 'reference' needs a `reference`")
         t_models = time.perf_counter()
         want_logits = req.logits != "none"
         has_points = bool(len(prompt.points)) or prompt.box is not None
         spec = {"mode": prompt.mode, "mask_format": req.mask_format,
                 "return_candidates": req.return_candidates,
-                "return_text_mask": req.return_text_mask, "logits": req.logits}
+                "return_text_mask": req.return_text_mask or req.return_expert_masks,
+                "return_expert_masks": req.return_expert_masks, "logits": req.logits}
         text, text_cache = None, None
         if prompt.text is not None and prompt.mode != "point":
             if not info["text_model"]:
                 raise InvalidInputError("this server has no text model: use mode 'point' or "
                                         "leave out text")
             text, text_cache = await self._text_mask(emb, prompt.text, img_id, info, lookup)
-        if has_points and text_cache != "miss":
+        if has_points and "miss" not in (text_cache, reference_cache):
             # every expert mask is known already (cached, or none asked): the join runs on the
             # PointDecoder, next to the candidates; no Selector hop, no candidate masks sent
-            args = (emb, prompt, want_logits, {"spec": spec, "experts": {"text": text}})
+            experts = {"text": text, **({"reference": reference} if reference is not None else {})}
+            args = (emb, prompt, want_logits, {"spec": spec, "experts": experts})
             out = (await self._near(self.decoder, emb).remote(*args))["joined"]
             moved["points"] = payload_bytes(args) + payload_bytes(out)
             timings["models_wait"] = (time.perf_counter() - t_models) * 1000.0  # and the join
@@ -338,16 +350,20 @@ class Ingress:
                 moved["points"] = payload_bytes((emb, prompt, want_logits))
             if text_cache == "miss":
                 moved["text"] = payload_bytes((emb, prompt.text))
-            points, text = await asyncio.gather(_settled(points), _settled(text))
+            points, text, reference = await asyncio.gather(_settled(points), _settled(text),
+                                                           _settled(reference))
             if points is not None:
                 moved["points"] += payload_bytes(points)
             if text_cache == "miss":
                 moved["text"] += payload_bytes(text)
+            if reference_cache == "miss":
+                moved["reference"] = moved.get("reference", 0) + payload_bytes(reference)
             t_selector = time.perf_counter()
             # experts go as keyword arguments: a new expert is one more keyword, the Selector's
             # signature stays
-            out = await self.selector.remote(points, spec, text=text)
-            moved["selector"] = payload_bytes((points, spec, text)) + payload_bytes(out)
+            experts = {"text": text, **({"reference": reference} if reference is not None else {})}
+            out = await self.selector.remote(points, spec, **experts)
+            moved["selector"] = payload_bytes((points, spec, experts)) + payload_bytes(out)
             # where a request's time goes between the deployments: the wall time this replica
             # waited for the models (from dispatch to both answers) and for the Selector, next
             # to the compute each reports (point_decoder, text_model, selector): the rest is
@@ -365,7 +381,8 @@ class Ingress:
         h, w = size
         return {"request_id": rid, "image_id": img_id, "width": w, "height": h,
                 "mode": prompt.mode, "mask_format": req.mask_format, **out,
-                "cache": cache_state, "text_cache": text_cache, "timings_ms": timings,
+                "cache": cache_state, "text_cache": text_cache,
+                "reference_cache": reference_cache, "timings_ms": timings,
                 "bytes_moved": moved, "model": info["model"]}
 
     @staticmethod
@@ -438,6 +455,58 @@ class Ingress:
             await self.cache.store.set(key, pack_mask_rle(out["mask"]["rle"][0], model_id))
         except Exception:  # noqa: BLE001 - the request itself reports the error
             pass
+
+    # --- the reference expert ---------------------------------------------------------------
+
+    async def _reference_mask(self, emb, ref, img_id: str, info: dict, timings: dict,
+                              refs: bool, moved: dict):
+        """-> (the reference expert's mask: cached RLE or a pending reply, "hit" | "miss").
+        The reference image's embedding comes the way the target's does (cache, else the
+        encoder, single-flight); its annotation is checked here, so a bad one is this request's
+        422 before any model runs."""
+        if not info.get("reference_model") or self.reference is None:
+            raise InvalidInputError("this server has no reference model: leave out `reference`")
+        ref_timings: dict[str, float] = {}
+        ref_emb, (h, w), _, ref_id = await self._embedding(ref.image, ref.image_id, ref_timings,
+                                                           refs, None)
+        timings["reference_image"] = sum(ref_timings.values())
+        body: dict[str, Any] = {}
+        if ref.mask is not None:
+            if tuple(ref.mask.size) != (h, w):
+                raise InvalidPromptError(f"the reference mask is {ref.mask.size[1]}x"
+                                         f"{ref.mask.size[0]}; the reference image is {w}x{h}")
+            try:
+                from pycocotools import mask as coco
+
+                m = coco.decode({"size": list(ref.mask.size),
+                                 "counts": ref.mask.counts.encode("ascii")})
+            except Exception:  # noqa: BLE001 - pycocotools raises several kinds
+                raise InvalidPromptError("the reference mask is not valid COCO RLE") from None
+            if not m.any():
+                raise InvalidPromptError("the reference mask is empty: annotate the object")
+            body["mask"] = pack_rle(m.astype(bool))
+            kind, payload = "mask", ref.mask.counts.encode("ascii")
+        else:
+            p = make_prompt((h, w), ref.points or None, ref.point_labels, box=ref.box,
+                            mode="point")  # a bad point or box: 422 here
+            body.update(points=p.points.tolist() if len(p.points) else None,
+                        labels=p.labels.tolist() if len(p.points) else None,
+                        box=None if p.box is None else p.box.tolist())
+            kind, payload = "prompt", repr((body["points"], body["labels"], body["box"])).encode()
+        sam_id, ref_model = info["model"]["sam"], info["model"]["reference"]
+        annotation = annotation_key(ref_id, kind, payload)
+        mask_key = reference_mask_key(sam_id, ref_model, img_id, annotation)
+        cached = await self.cache.get_mask_rle(mask_key, ref_model, "reference_mask")
+        if cached is not None:
+            return {"rle": [cached], "shape": tuple(cached["size"])}, "hit"
+        body.update(key=reference_key(sam_id, ref_model, annotation),
+                    embedding=await _settled(ref_emb))
+        args = (emb, body, mask_key)
+        moved["reference"] = payload_bytes(args)
+        resp = self._near(self.reference, emb).remote(*args)
+        if not self.cache.store.shared:
+            self._background(self._remember_mask(mask_key, resp, ref_model))
+        return resp, "miss"
 
     # --- routes -----------------------------------------------------------------------------
 

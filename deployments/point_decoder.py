@@ -44,6 +44,7 @@ class PointDecoder:
         self.embeddings = ReplicaEmbeddings(cache or make_cache(args), self.engine.model_id,
                                             args.replica_embeddings)
         self.threshold = float(args.resolved().agreement_threshold)
+        self.rule = args.resolved().profile().selection_rule
         self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0, "joined": 0}
         warm_up(self.engine, self.clock)
         self.clock.ready()
@@ -74,7 +75,7 @@ class PointDecoder:
             return reply
         self.counts["joined"] += 1
         return {"joined": await asyncio.to_thread(select, reply, join["spec"], self.threshold,
-                                                  **join["experts"])}
+                                                  self.rule, **join["experts"])}
 
     async def _embedding(self, value):
         """The request's embedding; one that can't be read fails this request alone, before it

@@ -48,7 +48,7 @@ def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> n
 
 
 def select(points: dict | None, spec: dict, threshold: float,
-           **experts: dict | np.ndarray | None) -> dict:
+           rule: str = "mean", **experts: dict | np.ndarray | None) -> dict:
     """The join, as the answer's body: SAM's candidates (the PointDecoder's reply, None without a
     point or box) and each expert's mask (a reply, a cached mask, or None) -> the selected mask in
     `spec["mask_format"]`, the candidates, the strategy, the agreement and the timings. Run by the
@@ -62,7 +62,7 @@ def select(points: dict | None, spec: dict, threshold: float,
         timings["point_decoder"] = points["decoder_ms"]
         cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
                                 points.get("logits"))
-    res = join(cands, experts, spec["mode"], threshold)
+    res = join(cands, experts, spec["mode"], threshold, rule)
     fmt = spec["mask_format"]
     out: dict = {"candidates": [], "text_mask": None}
     if cands is not None:
@@ -72,12 +72,16 @@ def select(points: dict | None, spec: dict, threshold: float,
                 "index": i,
                 "predicted_iou": float(score),
                 "text_iou": None if text_ious is None else float(text_ious[i]),
+                "expert_ious": {k: float(v[i]) for k, v in res.expert_ious.items()},
                 "mask": encode_mask(cands.masks[i], fmt) if spec["return_candidates"] else None,
             })
     if spec["return_text_mask"] and res.text_mask is not None:
         out["text_mask"] = encode_mask(res.text_mask, fmt)
+    reference = res.expert_masks.get("reference")
+    if spec.get("return_expert_masks") and reference is not None:
+        out["reference_mask"] = encode_mask(reference, fmt)
     out.update(mask=encode_mask(res.mask, fmt), selected=res.selected, strategy=res.strategy,
-               agreement=res.agreement)
+               agreement=res.agreement, expert_agreement=res.expert_agreement)
     if spec.get("logits", "none") != "none" and res.low_res_logits is not None:
         out["logits"] = np.asarray(res.low_res_logits, dtype=np.float16)  # the Ingress's
     metrics()["strategy"].inc(tags={"strategy": res.strategy})
@@ -91,7 +95,9 @@ def select(points: dict | None, spec: dict, threshold: float,
 class Selector:
     def __init__(self, args: AppArgs):
         self.clock = ReplicaClock()
-        self.threshold = float(args.resolved().agreement_threshold)
+        resolved = args.resolved()
+        self.threshold = float(resolved.agreement_threshold)
+        self.rule = resolved.profile().selection_rule
         self.clock.ready()
 
     def stats(self) -> dict:
@@ -100,5 +106,5 @@ class Selector:
     async def __call__(self, points: dict | None, spec: dict,
                        **experts: dict | np.ndarray | None) -> dict:
         """points: the PointDecoder's reply (None: no point or box); spec: mode, mask format and
-        what to return; experts: each expert's reply or cached mask by name (today: text)."""
-        return select(points, spec, self.threshold, **experts)
+        what to return; experts: each expert's reply or cached mask by name (text, reference)."""
+        return select(points, spec, self.threshold, self.rule, **experts)

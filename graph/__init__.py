@@ -1,4 +1,5 @@
-"""The Serve application: ImageEncoder, PointDecoder, TextMask and Selector behind an HTTP Ingress.
+"""The Serve application: ImageEncoder, PointDecoder, TextMask, ReferenceMask and Selector behind
+an HTTP Ingress.
 
     serve run configs/serve/local-cpu.yaml      # this machine
     serve run graph:app                         # the embedded defaults
@@ -19,6 +20,7 @@ from ray.serve import Application
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
 from deployments.point_decoder import PointDecoder
+from deployments.reference_mask import ReferenceMask
 from deployments.selector import Selector
 from deployments.settings import AppArgs
 from deployments.text_mask import TextMask
@@ -27,7 +29,7 @@ __all__ = ["DEFAULT_OPTIONS", "DEPLOYMENTS", "REPO", "AppArgs", "app", "build_ap
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = {"ImageEncoder": ImageEncoder, "PointDecoder": PointDecoder, "TextMask": TextMask,
-               "Selector": Selector, "Ingress": Ingress}
+               "ReferenceMask": ReferenceMask, "Selector": Selector, "Ingress": Ingress}
 # Defaults for the embedded app: fits one 2-core machine. Serve configs (serve_config.yaml,
 # configs/serve/*.yaml) override them per deployment, GPUs included; GPU counts live there only.
 # The embedded defaults are for one CPU machine: the models use every core (the point decoder too;
@@ -51,6 +53,9 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "TextMask": {"max_ongoing_requests": 16, "max_queued_requests": 128,
                  "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.5},
                  **MODEL_DRAIN},
+    "ReferenceMask": {"max_ongoing_requests": 16, "max_queued_requests": 128,
+                      "user_config": CPU_MODEL_CONFIG, "ray_actor_options": {"num_cpus": 0.25},
+                      **MODEL_DRAIN},
     "Selector": {"max_ongoing_requests": 64, "max_queued_requests": 512,
                  "ray_actor_options": {"num_cpus": 0.1}, **LIGHT_DRAIN},
     "Ingress": {"max_ongoing_requests": 64, "max_queued_requests": 256,
@@ -74,7 +79,10 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     decoder = dep("PointDecoder").bind(resolved)
     text = dep("TextMask").bind(resolved)
     selector = dep("Selector").bind(resolved)
-    return dep("Ingress").bind(encoder, decoder, text, selector, resolved)
+    # always bound, as TextMask is: without a reference model in the profile its replica holds
+    # no model and the Ingress refuses `reference` (422)
+    reference = dep("ReferenceMask").bind(resolved)
+    return dep("Ingress").bind(encoder, decoder, text, selector, resolved, reference=reference)
 
 
 app = build_app(AppArgs())

@@ -46,16 +46,22 @@ def load_reference_model(cfg: ReferenceModelConfig, spec: SamSpec,
     if cfg.random:
         torch.manual_seed(cfg.seed)
         return (VrpEncoder(VrpConfig(embed_dim=spec.prompt_dim, **RANDOM_VRP)).eval(),
-                f"vrp-{spec.name}:random-{cfg.seed}")
+                reference_model_id(cfg, spec))
     if not cfg.checkpoint:
         raise ModelConfigError("reference_model needs a checkpoint, or random: true")
-    directory = Path(cfg.checkpoint).expanduser()
-    vrp = load_vrp(directory, dtype)
+    return load_vrp(Path(cfg.checkpoint).expanduser(), dtype), reference_model_id(cfg, spec)
+
+
+def reference_model_id(cfg: ReferenceModelConfig, spec: SamSpec) -> str:
+    """The reference model's id without loading it (the Ingress names cache keys with it)."""
+    if cfg.random:
+        return f"vrp-{spec.name}:random-{cfg.seed}"
+    directory = Path(str(cfg.checkpoint)).expanduser()
     digest = hashlib.sha256()
     for f in sorted(directory.glob("*")):
         if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
             digest.update(f.read_bytes())
-    return vrp, f"vrp-{spec.name}:{directory.name}:{digest.hexdigest()[:12]}"
+    return f"vrp-{spec.name}:{directory.name}:{digest.hexdigest()[:12]}"
 
 
 def check_reference_pairing(vrp: VrpEncoder, spec: SamSpec, probe: torch.Tensor | None) -> None:

@@ -59,6 +59,7 @@ DEPLOYMENT_OPTIONS = {
     "Ingress": {**_on("head"), "num_replicas": 2},
     "Selector": {**_on("worker"), "num_replicas": 1},
     "PointDecoder": {**_model(), "num_replicas": 1},
+    "ReferenceMask": {**_model(), "num_replicas": 1},
     "TextMask": {**_model(max_batch_size=8, batch_wait_timeout_s=0.05), "num_replicas": 2,
                  "max_replicas_per_node": 1},
     "ImageEncoder": {**_model(max_batch_size=8, batch_wait_timeout_s=0.05),

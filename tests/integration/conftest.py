@@ -94,7 +94,7 @@ def _run(app_name: str, args: dict, **deployments) -> None:
     print(f"app {app_name} up in {time.perf_counter() - t:.1f} s")
 
 
-MODELS = ("ImageEncoder", "PointDecoder", "TextMask")
+MODELS = ("ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask")
 
 
 def _pinned_threads(name: str, **user_config) -> dict:
@@ -147,6 +147,8 @@ def strict_url(serve_url):
             "PointDecoder": {"user_config": _pinned_threads("PointDecoder"),
                              "ray_actor_options": small},
             "TextMask": {"user_config": _pinned_threads("TextMask"), "ray_actor_options": small},
+            "ReferenceMask": {"user_config": _pinned_threads("ReferenceMask"),
+                              "ray_actor_options": small},
             "Selector": {"ray_actor_options": small},
             "Ingress": {"ray_actor_options": small},
         },

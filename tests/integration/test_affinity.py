@@ -41,6 +41,7 @@ def affinity_url(serve_url, redis_srv):
                              "user_config": _pinned_threads("PointDecoder")},
             "ImageEncoder": {**small, "user_config": _pinned_threads("ImageEncoder")},
             "TextMask": {**small, "user_config": _pinned_threads("TextMask")},
+            "ReferenceMask": {**small, "user_config": _pinned_threads("ReferenceMask")},
             "Selector": small, "Ingress": small}})
     yield f"{serve_url}/affinity"
     from ray import serve

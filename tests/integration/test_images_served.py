@@ -46,7 +46,7 @@ def demo_url(serve_url):
     from ray import serve
 
     small = {"ray_actor_options": {"num_cpus": 0.1}}
-    names = ("ImageEncoder", "PointDecoder", "TextMask", "Selector", "Ingress")
+    names = ("ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask", "Selector", "Ingress")
     _run("images", {"model_profile": DEMO, "cache_url": None,
                     "deployment_options": {n: small for n in names}})
     yield f"{serve_url}/images"

@@ -180,8 +180,10 @@ def test_encoder_batches_concurrent_images_and_encodes_each_once(replica):
     assert stats["images"] == 2 and stats["batches"] == 1 and stats["requests"] == 3
     assert stats["weights"] == {"sam.image_encoder": 123}
     assert stats["process"]["vmhwm_mb"] > 0 and stats["process"]["ready_s"] >= 0
-    assert dep.info() == {"model": {"sam": SAM_ID, "text": TEXT_ID}, "sam_variant": "tiny",
-                          "image_size": SPEC.img_size, "text_model": True}
+    assert dep.info() == {"model": {"sam": SAM_ID, "text": TEXT_ID,
+                                    "reference": "vrp-tiny:random-0"},  # the tiny profile's
+                          "sam_variant": "tiny", "image_size": SPEC.img_size, "text_model": True,
+                          "reference_model": True}
 
 
 def test_encoder_with_a_shared_cache_writes_and_reuses_embeddings(replica):

@@ -40,9 +40,10 @@ def test_config_passes_serve_schema_and_app_args(path):
 def test_production_gpu_layout():
     deps = {d["name"]: d for d in load(REPO / "serve_config.yaml")["applications"][0]["deployments"]}
     gpus = {name: d["ray_actor_options"].get("num_gpus", 0) for name, d in deps.items()}
-    assert gpus == {"ImageEncoder": 1, "TextMask": 1, "PointDecoder": 0.25, "Selector": 0,
-                    "Ingress": 0}
-    for name in ("ImageEncoder", "TextMask", "PointDecoder", "Selector", "Ingress"):
+    assert gpus == {"ImageEncoder": 1, "TextMask": 1, "PointDecoder": 0.25,
+                    "ReferenceMask": 0.25, "Selector": 0, "Ingress": 0}
+    for name in ("ImageEncoder", "TextMask", "PointDecoder", "ReferenceMask", "Selector",
+                 "Ingress"):
         auto = deps[name]["autoscaling_config"]
         assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
 

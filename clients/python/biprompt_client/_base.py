@@ -15,6 +15,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from . import rle
 from .errors import (
     APIConnectionError,
     APITimeoutError,
@@ -40,7 +41,9 @@ SEGMENT_KEYS = {
     "mask_format": "mask_format", "return_candidates": "return_candidates",
     "return_text_mask": "return_text_mask", "mask_input_id": "mask_input_id",
     "mask_input": "mask_input", "logits": "logits", "multimask": "multimask",
+    "reference": "reference", "return_expert_masks": "return_expert_masks",
 }
+REFERENCE_KEYS = ("image", "image_id", "mask", "points", "labels", "point_labels", "box")
 
 
 @dataclass
@@ -204,6 +207,8 @@ class BaseClient:
                 value = [float(v) for v in value]
             elif wire_key == "mask_input" and not isinstance(value, bytes):
                 value = logits_bytes(value)  # an LxL array of logits
+            elif wire_key == "reference":
+                value = reference_fields(value)
             out[wire_key] = value
         return out
 
@@ -286,6 +291,34 @@ class BaseClient:
         if key is not None and key in plan.embed_errors:
             return BatchError(plan.embed_errors[key], index=i)
         return None
+
+
+def reference_fields(ref: Mapping[str, Any]) -> dict[str, Any]:
+    """segment(reference={...}) -> the wire's reference: `image` (path, bytes, PIL, array) or
+    `image_id`; the object as `mask` (an HxW bool array, or COCO RLE) or `points`/`labels`
+    and/or `box`."""
+    if not isinstance(ref, Mapping):
+        raise ValueError("reference must be a dict: {image | image_id, mask | points | box}")
+    unknown = sorted(set(ref) - set(REFERENCE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown reference key(s) {unknown}; expected some of "
+                         f"{sorted(REFERENCE_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in ref.items():
+        if value is None:
+            continue
+        if key == "image":
+            value = load_image_bytes(value)
+        elif key == "mask" and not isinstance(value, Mapping):
+            value = rle.encode(np.asarray(value, dtype=bool))
+        elif key == "points":
+            value = [[float(x), float(y)] for x, y in value]
+        elif key in ("labels", "point_labels"):
+            key, value = "point_labels", [int(v) for v in value]
+        elif key == "box":
+            value = [float(v) for v in value]
+        out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 def logits_bytes(logits: Any) -> bytes:

@@ -100,11 +100,38 @@ def _is_image_id(text: str) -> bool:
         not Path(text).exists()
 
 
+def _reference_arg(args) -> dict | None:
+    """--reference IMAGE (a file or an image id) with --reference-mask PNG, --reference-point
+    and/or --reference-box -> segment(reference=...)."""
+    ref = getattr(args, "reference", None)
+    given = [args.reference_mask, args.reference_point, args.reference_box]
+    if ref is None:
+        if any(given):
+            raise ValueError("--reference-mask/-point/-box need --reference IMAGE")
+        return None
+    out: dict = {"image_id": ref} if _is_image_id(ref) else {"image": ref}
+    if args.reference_mask:
+        if args.reference_point or args.reference_box:
+            raise ValueError("give --reference-mask, or --reference-point/--reference-box")
+        out["mask"] = np.asarray(Image.open(args.reference_mask).convert("L")) >= 128
+    elif args.reference_point or args.reference_box:
+        out.update(points=args.reference_point, box=args.reference_box)
+    else:
+        raise ValueError("--reference needs the object: --reference-mask, --reference-point "
+                         "or --reference-box")
+    return out
+
+
 def cmd_segment(args) -> int:
     points = args.point or []
     labels = args.label if args.label else None
     if labels is not None and len(labels) != len(points):
         print(f"error: {len(labels)} --label for {len(points)} --point", file=sys.stderr)
+        return 2
+    try:
+        reference = _reference_arg(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     with _client(args) as client:
         # an image id instead of a file: a refinement click on an image the server has
@@ -113,7 +140,8 @@ def cmd_segment(args) -> int:
                              points=points or None, labels=labels, box=args.box,
                              text=args.text, mode=args.mode,
                              return_candidates=args.candidates,
-                             mask_input_id=args.mask_input_id, logits="id")
+                             mask_input_id=args.mask_input_id, logits="id",
+                             reference=reference)
     mask = res.mask
     if args.out:
         Image.fromarray(mask.astype(np.uint8) * 255).save(args.out)
@@ -129,6 +157,8 @@ def cmd_segment(args) -> int:
         print(json.dumps(res.raw))
     else:
         agreement = "-" if res.agreement is None else f"{res.agreement:.3f}"
+        if res.expert_agreement is not None:
+            agreement += f"  experts agree {res.expert_agreement:.3f}"
         refine = f"\nlogits_id {res.logits_id} (refine: --mask-input-id)" if res.logits_id else ""
         print(f"image_id {res.image_id}{refine}\n"
               f"selected {res.selected}  strategy {res.strategy}  agreement {agreement}\n"
@@ -244,7 +274,8 @@ def result_line(rid: str, req: dict, result) -> dict:
                          None)
         return {"id": rid, "ok": True, "image_id": raw["image_id"], "mask": raw["mask"],
                 "selected": raw["selected"], "predicted_iou": predicted,
-                "strategy": raw["strategy"], "agreement": raw["agreement"], "cache": raw["cache"],
+                "strategy": raw["strategy"], "agreement": raw["agreement"],
+                "expert_agreement": raw.get("expert_agreement"), "cache": raw["cache"],
                 "text_cache": raw.get("text_cache"), "timings_ms": raw.get("timings_ms", {})}
     exc = result.error
     return {"id": rid, "ok": False, "error": {
@@ -430,7 +461,17 @@ def parser() -> argparse.ArgumentParser:
                    help="1 foreground (default) / 0 background, one per --point")
     s.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), metavar="X0,Y0,X1,Y1")
     s.add_argument("--text", help="the referring expression")
-    s.add_argument("--mode", choices=["biprompt", "point", "text"], default="biprompt")
+    s.add_argument("--mode", choices=["biprompt", "point", "text", "reference"],
+                   default="biprompt")
+    s.add_argument("--reference", metavar="IMAGE", help="a reference image (file or image id) "
+                   "with one object annotated: a third expert, 'things like this one'")
+    s.add_argument("--reference-mask", metavar="PNG", help="the reference object's mask (white "
+                   "on black, the reference image's size)")
+    s.add_argument("--reference-point", action="append",
+                   type=lambda t: _pair(t, 2, "--reference-point"), metavar="X,Y",
+                   help="a point on the reference object (repeatable); SAM draws its mask")
+    s.add_argument("--reference-box", type=lambda t: _pair(t, 4, "--reference-box"),
+                   metavar="X0,Y0,X1,Y1", help="a box around the reference object")
     s.add_argument("--out", help="write the mask as a PNG (0/255)")
     s.add_argument("--overlay", help="write the mask, points and text over the image as a PNG")
     s.add_argument("--candidates", action="store_true", help="also fetch the three candidates")

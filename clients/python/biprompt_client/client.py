@@ -100,8 +100,14 @@ class BiPromptClient(BaseClient):
                 text: str | None = None, mode: str = "biprompt", mask_format: str = "rle",
                 return_candidates: bool = False, return_text_mask: bool = False,
                 mask_input_id: str | None = None, mask_input: Any = None,
-                logits: str = "none", multimask: bool | None = None) -> Segmentation:
+                logits: str = "none", multimask: bool | None = None,
+                reference: Mapping[str, Any] | None = None,
+                return_expert_masks: bool = False) -> Segmentation:
         """Segment one object; give `image` (path, bytes, PIL image, array) or `image_id`.
+
+        `reference`: an annotated reference image, a third expert ("things like this one"):
+        {"image" or "image_id", and "mask" (HxW bool or COCO RLE) or "points"/"labels" and/or
+        "box"}; mode "reference" answers with its mask.
 
         Refinement: send every click so far (`labels` 1 positive, 0 negative) with the previous
         answer's `mask_input_id=prev.logits_id` (ask for it with `logits="id"`), or its
@@ -111,7 +117,8 @@ class BiPromptClient(BaseClient):
             mode=mode, mask_format=mask_format, return_candidates=return_candidates,
             return_text_mask=return_text_mask, mask_input_id=mask_input_id,
             mask_input=mask_input, logits=None if logits == "none" else logits,
-            multimask=multimask))
+            multimask=multimask, reference=reference,
+            return_expert_masks=return_expert_masks or None))
         return Segmentation.from_response(self._request("POST", "/v1/segment", payload))
 
     def embed_info(self, image: ImageInput) -> dict[str, Any]:
@@ -245,13 +252,16 @@ class AsyncBiPromptClient(BaseClient):
                       text: str | None = None, mode: str = "biprompt", mask_format: str = "rle",
                       return_candidates: bool = False, return_text_mask: bool = False,
                       mask_input_id: str | None = None, mask_input: Any = None,
-                      logits: str = "none", multimask: bool | None = None) -> Segmentation:
+                      logits: str = "none", multimask: bool | None = None,
+                      reference: Mapping[str, Any] | None = None,
+                      return_expert_masks: bool = False) -> Segmentation:
         payload = self._segment_payload(_segment_args(
             image, image_id=image_id, points=points, labels=labels, box=box, text=text,
             mode=mode, mask_format=mask_format, return_candidates=return_candidates,
             return_text_mask=return_text_mask, mask_input_id=mask_input_id,
             mask_input=mask_input, logits=None if logits == "none" else logits,
-            multimask=multimask))
+            multimask=multimask, reference=reference,
+            return_expert_masks=return_expert_masks or None))
         return Segmentation.from_response(await self._request("POST", "/v1/segment", payload))
 
     async def embed_info(self, image: ImageInput) -> dict[str, Any]:

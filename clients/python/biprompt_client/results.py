@@ -104,6 +104,7 @@ class Candidate:
     predicted_iou: float
     text_iou: float | None
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    expert_ious: dict[str, float] = field(default_factory=dict)  # IoU with each expert's mask
 
 
 @dataclass(eq=False)
@@ -154,11 +155,23 @@ class Segmentation:
         return decode_mask(self.raw.get("text_mask"))
 
     @cached_property
+    def reference_mask(self) -> np.ndarray | None:
+        """The reference expert's mask (with return_expert_masks)."""
+        return decode_mask(self.raw.get("reference_mask"))
+
+    @property
+    def expert_agreement(self) -> float | None:
+        """The lowest IoU between two experts' masks (None with fewer than two): low means the
+        experts saw different objects, a case for a human."""
+        return self.raw.get("expert_agreement")
+
+    @cached_property
     def candidates(self) -> list[Candidate]:
         return [
             Candidate(index=int(c["index"]), predicted_iou=float(c["predicted_iou"]),
                       text_iou=None if c.get("text_iou") is None else float(c["text_iou"]),
-                      mask=decode_mask(c.get("mask")))
+                      mask=decode_mask(c.get("mask")),
+                      expert_ious={k: float(v) for k, v in (c.get("expert_ious") or {}).items()})
             for c in self.raw.get("candidates") or []
         ]
 

@@ -27,7 +27,7 @@ MAX_WIRE_POINTS = 64
 # batch's item's points) has 5 levels; past this, a body is refused before it is looked at.
 MAX_NESTING_DEPTH = 32
 
-Mode = Literal["biprompt", "point", "text"]
+Mode = Literal["biprompt", "point", "text", "reference"]
 LogitsReturn = Literal["none", "id", "raw"]
 LogitsId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="a server-side handle "
                                 "for an answer's low-res logits")]
@@ -51,6 +51,53 @@ _ONE_IMAGE = {"oneOf": [
     name: {"not": {"type": "null"}} for name in ("mask_input", "mask_input_id")}}}
 
 
+class RLE(BaseModel):
+    """COCO compressed RLE, as pycocotools writes it (counts decoded to str)."""
+
+    size: tuple[int, int]
+    counts: str
+
+
+def _present(name: str) -> dict:
+    """JSON Schema: `name` is there and not null (null counts as absent, as in the models)."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+class ReferenceSpec(_Strict):
+    """An annotated reference image: "segment things like this one". The reference expert finds
+    objects like the annotated one in the request's image, and votes on SAM's candidates. Give
+    `image` or `image_id`, and the object as a `mask` or as `points` (and `point_labels`) and/or
+    a `box`, which SAM turns into the mask. Its features are cached per (image, annotation): a
+    reference used for a thousand target images is encoded once."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"oneOf": [_present(name) for name in ("image", "image_id")]},
+        {"oneOf": [_present("mask"), {"anyOf": [
+            {"required": ["points"], "properties": {"points": {"minItems": 1}}},
+            _present("box")]}]},
+    ]})
+
+    image: bytes | None = Field(None, description="the reference image, encoded; base64 in JSON")
+    image_id: ImageId | None = None
+    mask: RLE | None = Field(None, description="the reference object, COCO RLE at the reference "
+                             "image's size (column-major, as pycocotools writes it)")
+    points: list[Point] = Field(default_factory=list, max_length=MAX_WIRE_POINTS,
+                                description="[[x, y], ...] on the reference object, in the "
+                                "reference image's pixels")
+    point_labels: list[int] | None = Field(None, description="1 foreground, 0 background")
+    box: tuple[float, float, float, float] | None = Field(None, description="[x0, y0, x1, y1] "
+                                                          "around the reference object")
+
+    @model_validator(mode="after")
+    def _one_image_one_annotation(self) -> ReferenceSpec:
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("reference: give exactly one of `image` and `image_id`")
+        if (self.mask is None) == (not self.points and self.box is None):
+            raise ValueError("reference: give the object as a `mask`, or as `points` and/or a "
+                             "`box`")
+        return self
+
+
 class SegmentRequest(_Strict):
     """One object on one image. Give `image` (the encoded file: PNG, JPEG, ...) or the `image_id`
     an earlier call returned."""
@@ -65,10 +112,15 @@ class SegmentRequest(_Strict):
                                            "default: all 1")
     box: tuple[float, float, float, float] | None = Field(None, description="[x0, y0, x1, y1]")
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="referring expression")
+    reference: ReferenceSpec | None = Field(None, description="an annotated reference image: a "
+                                            "third expert that votes (mode 'reference': its "
+                                            "mask is the answer)")
     mode: Mode = "biprompt"
     mask_format: MaskFormat = "rle"
     return_candidates: bool = Field(False, description="include the three candidate masks")
     return_text_mask: bool = Field(False, description="include the text model's mask")
+    return_expert_masks: bool = Field(False, description="include every expert's mask "
+                                      "(`text_mask`, `reference_mask`)")
     # refinement clicks: the previous answer's low-res logits as SAM's mask_input
     mask_input_id: LogitsId | None = Field(None, description="the `logits_id` of an earlier "
                                            "answer on this image: its mask's low-res logits, "
@@ -108,13 +160,6 @@ class BatchEnvelope(_Strict):
     items: list[Any] = Field(min_length=1)
 
 
-class RLE(BaseModel):
-    """COCO compressed RLE, as pycocotools writes it (counts decoded to str)."""
-
-    size: tuple[int, int]
-    counts: str
-
-
 class PolygonRegion(BaseModel):
     """One 8-connected region of a polygon mask."""
 
@@ -146,12 +191,15 @@ class Candidate(BaseModel):
     index: int
     predicted_iou: float
     text_iou: float | None = None
+    expert_ious: dict[str, float] = Field(default_factory=dict, description="IoU of this "
+                                          "candidate with each expert's mask, by expert")
     mask: Mask | None = None
 
 
 class ModelIds(BaseModel):
     sam: str
     text: str | None = None
+    reference: str | None = None
 
 
 class SegmentResponse(BaseModel):
@@ -167,8 +215,14 @@ class SegmentResponse(BaseModel):
     agreement: float | None = None
     candidates: list[Candidate] = Field(default_factory=list)
     text_mask: Mask | None = None
+    reference_mask: Mask | None = None
+    expert_agreement: float | None = Field(None, description="the lowest IoU between two "
+                                           "experts' masks (null with fewer than two): low "
+                                           "means they saw different objects; ask a human")
     cache: CacheState = Field(description="the image embedding: hit or miss")
     text_cache: CacheState | None = Field(None, description="the text mask: hit, miss or none")
+    reference_cache: CacheState | None = Field(None, description="the reference expert's mask "
+                                               "on this image: hit, miss or none")
     logits_id: LogitsId | None = Field(None, description="with logits='id': name it as the next "
                                        "click's `mask_input_id`")
     logits: bytes | None = Field(None, description="with logits='raw': LxL float16 low-res "
@@ -217,6 +271,7 @@ class ModelInfo(BaseModel):
     sam_variant: str
     image_size: int
     text_model: bool
+    reference_model: bool = False
     limits: dict[str, Any]
     cache: str
 
