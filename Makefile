@@ -43,11 +43,13 @@ demo: $(STAMP)
 	$(PY) -m serving.demo $(if $(SERVE),--serve) $(DEMO_ARGS)
 
 # Retrains the bundled ShapesRef demo model into models/demo (seeded; about 40 min on 2 cores),
-# then its refinement-click stage (biprompt/train/refine.py; about 10-25 min).
+# then its refinement-click stage (biprompt/train/refine.py; about 10-25 min), then the
+# reference-image expert on the final SAM (biprompt/train/reference.py; about 12 min).
 train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out models/demo
 	$(PY) -m biprompt.train.refine --model models/demo --full --steps 600 --images 6 \
 		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
+	$(PY) -m biprompt.train.reference --model models/demo
 
 # Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes
 # a few minutes on 2 cores; bench runs more requests per row.

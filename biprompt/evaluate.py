@@ -18,7 +18,8 @@ fresh scene of the same generator, annotated by its mask) and the rows add:
 - reference-only: the reference expert's mask;
 - point+reference: the candidate with the highest IoU against the reference mask;
 - point+text+reference: the candidate the two experts pick together, under each selection rule
-  (biprompt.selection.RULES: mean, confident), without the agreement fallback;
+  (biprompt.selection.RULES: mean with the profile's weights, confident, and mean with equal
+  weights), without the agreement fallback;
 and BiPrompt (served) is then the answer with both experts voting.
 """
 
@@ -47,7 +48,8 @@ POINT, TEXT, BIPROMPT, SERVED, ORACLE = (
 METHODS: tuple[str, ...] = (POINT, TEXT, BIPROMPT, SERVED, ORACLE)
 REF_ONLY, POINT_REF = "reference-only", "point+reference"
 ALL_RULES = {rule: f"point+text+reference ({rule})" for rule in RULES}
-REFERENCE_METHODS: tuple[str, ...] = (REF_ONLY, POINT_REF, *ALL_RULES.values())
+EQUAL_MEAN = "point+text+reference (mean, equal weights)"
+REFERENCE_METHODS: tuple[str, ...] = (REF_ONLY, POINT_REF, *ALL_RULES.values(), EQUAL_MEAN)
 SUBSETS: tuple[str, ...] = ("all", "ambiguous")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILES = ("configs/models/demo.yaml", "configs/models/tiny.yaml")
@@ -80,15 +82,17 @@ def method_masks(result, gt_mask: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def reference_method_masks(result) -> dict[str, np.ndarray]:
-    """The reference rows' masks, from one result with both experts' masks."""
+def reference_method_masks(result, weights: dict | None = None) -> dict[str, np.ndarray]:
+    """The reference rows' masks, from one result with both experts' masks (`weights`: the
+    mean's, the pipeline's)."""
     cands, scores = result.candidates, np.asarray(result.candidate_scores, dtype=np.float64)
     ref = result.expert_masks["reference"]
     both = {"text": result.text_mask, "reference": ref}
     out = {REF_ONLY: ref, POINT_REF: cands[select(cands, scores, {"reference": ref},
                                                   mode="reference").selected]}
     for rule, name in ALL_RULES.items():
-        out[name] = cands[select(cands, scores, both, "biprompt", 0.0, rule).selected]
+        out[name] = cands[select(cands, scores, both, "biprompt", 0.0, rule, weights).selected]
+    out[EQUAL_MEAN] = cands[select(cands, scores, both, "biprompt", 0.0, "mean").selected]
     return out
 
 
@@ -141,7 +145,7 @@ def evaluate_shapes(
         strategies[res.strategy] += 1
         masks = method_masks(res, sample.gt_mask)
         if episode is not None:
-            masks.update(reference_method_masks(res))
+            masks.update(reference_method_masks(res, pipeline.weights))
         for method, mask in masks.items():
             scores[method]["all"].add(mask, sample.gt_mask)
             if sample.ambiguous:

@@ -22,6 +22,7 @@ def join(
     mode: str = "biprompt",
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
     rule: str = DEFAULT_RULE,
+    weights: Mapping[str, float] | None = None,
 ) -> SegmentResult:
     """candidates: SAM's K masks and predicted IoUs for the prompt (None: no point or box, so an
     expert mode answers alone); experts: {name: HxW bool mask}, None or absent when that expert
@@ -35,7 +36,8 @@ def join(
         return SegmentResult(answer, None, None, text_mask, None, None, mode, None, mode,
                              expert_masks=present, expert_ious={},
                              expert_agreement=expert_agreement(present))
-    sel = select(candidates.masks, candidates.scores, present, mode, agreement_threshold, rule)
+    sel = select(candidates.masks, candidates.scores, present, mode, agreement_threshold, rule,
+                 weights)
     mask = present[mode] if mode in EXPERT_MODES else candidates.masks[sel.selected]
     logits = None
     if mode not in EXPERT_MODES and candidates.low_res_logits is not None:

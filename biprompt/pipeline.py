@@ -56,6 +56,7 @@ class BiPromptPipeline:
         reference: ReferenceMaskEngine | None = None,
         agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
         rule: str = DEFAULT_RULE,
+        weights: dict[str, float] | None = None,
         name: str | None = None,
     ):
         if decoder.model_id != encoder.model_id or any(
@@ -66,6 +67,7 @@ class BiPromptPipeline:
         self.encoder, self.decoder, self.text = encoder, decoder, text
         self.reference = reference
         self.agreement_threshold, self.rule = agreement_threshold, rule
+        self.weights = dict(weights or {})
         self.name = name or encoder.model_id
 
     # --- construction -----------------------------------------------------------------------
@@ -94,7 +96,8 @@ class BiPromptPipeline:
         reference = (ReferenceMaskEngine.from_profile(p, sam, **place)
                      if p.reference is not None else None)
         return cls(encoder, decoder, text, reference=reference,
-                   agreement_threshold=p.agreement_threshold, rule=p.selection_rule, name=p.name)
+                   agreement_threshold=p.agreement_threshold, rule=p.selection_rule,
+                   weights=p.selection_weights, name=p.name)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> BiPromptPipeline:
@@ -292,5 +295,5 @@ class BiPromptPipeline:
         masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=True))
         return [join(cands.get(i), {"text": masks[p.text.strip()] if w else None,
                                     "reference": ref_mask if p.mode != "point" else None},
-                     p.mode, self.agreement_threshold, self.rule)
+                     p.mode, self.agreement_threshold, self.rule, self.weights)
                 for i, (p, w) in enumerate(zip(ps, wants_text, strict=True))]

@@ -103,6 +103,21 @@ class TextModelConfig:
     max_chars: int = MAX_TEXT_CHARS
 
 
+def _weights(d: Any) -> dict[str, float]:
+    """selection.weights: {expert: weight >= 0} (text, reference)."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or set(d) - {"text", "reference"}:
+        raise ModelConfigError(f"selection.weights is {d!r}; give {{text: w, reference: w}}")
+    try:
+        out = {str(k): float(v) for k, v in d.items()}
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"selection.weights must be numbers, got {d!r}") from None
+    if any(v < 0 for v in out.values()) or (out and not any(out.values())):
+        raise ModelConfigError("selection.weights must be >= 0, not all 0")
+    return out
+
+
 @dataclass(frozen=True)
 class ReferenceModelConfig:
     """The reference-image expert (biprompt.models.vrp): a VRP checkpoint directory."""
@@ -123,6 +138,7 @@ class ModelProfile:
     backends: Backends = field(default_factory=Backends)
     reference: ReferenceModelConfig | None = None
     selection_rule: str = "mean"  # biprompt.selection.RULES: how several experts' votes combine
+    selection_weights: dict[str, float] = field(default_factory=dict)  # the mean's, per expert
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
@@ -168,6 +184,7 @@ class ModelProfile:
             backends=backends,
             reference=ref_cfg,
             selection_rule=str(sel.get("rule", "mean")),
+            selection_weights=_weights(sel.get("weights")),
         )
 
     @classmethod

@@ -12,7 +12,8 @@ Rules (the paper states none of these; they are ours):
   names the candidate that agrees best with it.
 
 How the voting experts combine (`rule`, measured by `biprompt eval shapes --reference`):
-- mean: a candidate's vote is its mean IoU over the voting experts;
+- mean: a candidate's vote is its mean IoU over the voting experts, weighted by `weights`
+  (per expert, default 1: a profile's `selection.weights`, measured on a tuning set);
 - confident: the expert whose best IoU with any candidate is highest (the one that most clearly
   recognises one of SAM's masks) decides alone.
 With one expert both are the paper's rule. `expert_agreement` is the lowest IoU between two
@@ -67,10 +68,12 @@ def expert_agreement(experts: Mapping[str, np.ndarray]) -> float | None:
     return min(lows)
 
 
-def combine(ious: Mapping[str, np.ndarray], voters: list[str], rule: str = DEFAULT_RULE) -> np.ndarray:
+def combine(ious: Mapping[str, np.ndarray], voters: list[str], rule: str = DEFAULT_RULE,
+            weights: Mapping[str, float] | None = None) -> np.ndarray:
     """(K,) votes of the candidates from the voting experts' IoUs, by `rule`."""
     if rule == "mean" or len(voters) == 1:
-        return np.mean([ious[n] for n in voters], axis=0)
+        w = np.array([float((weights or {}).get(n, 1.0)) for n in voters])
+        return np.tensordot(w / w.sum(), np.array([ious[n] for n in voters]), axes=1)
     if rule == "confident":
         # max over candidates per expert; ties go to the first voter (experts keep their order)
         lead = max(voters, key=lambda n: (float(ious[n].max()), -voters.index(n)))
@@ -99,9 +102,11 @@ def select(
     mode: str = "biprompt",
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
     rule: str = DEFAULT_RULE,
+    weights: Mapping[str, float] | None = None,
 ) -> Selection:
     """candidates: KxHxW bool; scores: (K,) SAM's predicted IoUs; experts: {name: HxW bool}
-    (a bare HxW mask is the text expert's; None: no expert); rule: mean | confident."""
+    (a bare HxW mask is the text expert's; None: no expert); rule: mean | confident; weights:
+    each expert's weight in the mean (default 1)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
     if rule not in RULES:
@@ -122,7 +127,7 @@ def select(
         return Selection(top, "point", float(votes[top]) if k else None, ious, between)
     if not voters:
         return Selection(top, "fallback_empty_" + "_".join(sorted(experts)), 0.0, ious, between)
-    votes = combine(ious, voters, rule) if k else np.zeros(0)
+    votes = combine(ious, voters, rule, weights) if k else np.zeros(0)
     best = _best(votes, scores) if k else 0
     agreement = float(votes[best]) if k else None
     if mode in EXPERT_MODES:

@@ -45,6 +45,7 @@ class PointDecoder:
                                             args.replica_embeddings)
         self.threshold = float(args.resolved().agreement_threshold)
         self.rule = args.resolved().profile().selection_rule
+        self.weights = args.resolved().profile().selection_weights
         self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0, "joined": 0}
         warm_up(self.engine, self.clock)
         self.clock.ready()
@@ -75,7 +76,7 @@ class PointDecoder:
             return reply
         self.counts["joined"] += 1
         return {"joined": await asyncio.to_thread(select, reply, join["spec"], self.threshold,
-                                                  self.rule, **join["experts"])}
+                                                  self.rule, self.weights, **join["experts"])}
 
     async def _embedding(self, value):
         """The request's embedding; one that can't be read fails this request alone, before it

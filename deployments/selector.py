@@ -47,8 +47,8 @@ def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> n
     return value
 
 
-def select(points: dict | None, spec: dict, threshold: float,
-           rule: str = "mean", **experts: dict | np.ndarray | None) -> dict:
+def select(points: dict | None, spec: dict, threshold: float, rule: str = "mean",
+           weights: dict | None = None, **experts: dict | np.ndarray | None) -> dict:
     """The join, as the answer's body: SAM's candidates (the PointDecoder's reply, None without a
     point or box) and each expert's mask (a reply, a cached mask, or None) -> the selected mask in
     `spec["mask_format"]`, the candidates, the strategy, the agreement and the timings. Run by the
@@ -62,7 +62,7 @@ def select(points: dict | None, spec: dict, threshold: float,
         timings["point_decoder"] = points["decoder_ms"]
         cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
                                 points.get("logits"))
-    res = join(cands, experts, spec["mode"], threshold, rule)
+    res = join(cands, experts, spec["mode"], threshold, rule, weights)
     fmt = spec["mask_format"]
     out: dict = {"candidates": [], "text_mask": None}
     if cands is not None:
@@ -98,6 +98,7 @@ class Selector:
         resolved = args.resolved()
         self.threshold = float(resolved.agreement_threshold)
         self.rule = resolved.profile().selection_rule
+        self.weights = resolved.profile().selection_weights
         self.clock.ready()
 
     def stats(self) -> dict:
@@ -107,4 +108,4 @@ class Selector:
                        **experts: dict | np.ndarray | None) -> dict:
         """points: the PointDecoder's reply (None: no point or box); spec: mode, mask format and
         what to return; experts: each expert's reply or cached mask by name (text, reference)."""
-        return select(points, spec, self.threshold, self.rule, **experts)
+        return select(points, spec, self.threshold, self.rule, self.weights, **experts)

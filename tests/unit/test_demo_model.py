@@ -43,3 +43,17 @@ def test_accuracy_floor_on_a_seeded_set(demo_pipeline):
     amb = {name: v["ambiguous"]["miou"] for name, v in r["methods"].items()}
     assert r["n_ambiguous"] >= 5
     assert amb["BiPrompt"] > amb["point-only"], amb
+
+
+def test_the_reference_expert_loads_and_votes_well(demo_pipeline):
+    """vrp_demo/ (biprompt/train/reference.py) in its documented layout, paired with this SAM;
+    on reference episodes it lifts the point alone (the issue's bar is +0.04 at n=500)."""
+    ids = demo_pipeline.model_ids
+    assert ids["reference"].startswith("vrp-demo:vrp_demo:")
+    assert {p.name for p in (REPO / "models/demo/vrp_demo").iterdir()} == {
+        "config.json", "model.safetensors"}
+    r = evaluate_shapes(demo_pipeline, n=80, seed=4243)
+    m = {name: v["all"]["miou"] for name, v in r["methods"].items()}
+    assert m["point+reference"] >= m["point-only"] + 0.04, m
+    assert m["oracle"] >= m["point+reference"], m
+    assert m["reference-only"] >= 0.55, m

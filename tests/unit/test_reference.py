@@ -184,6 +184,12 @@ def test_profile_reference_section_is_checked():
         ModelProfile.from_dict({"sam": {"variant": "tiny"}, "reference_model": {"seed": 1}})
     with pytest.raises(ModelConfigError, match="selection.rule"):
         ModelProfile.from_dict({"sam": {"variant": "tiny"}, "selection": {"rule": "vote"}})
+    for bad in ({"image": 1}, {"text": "heavy"}, {"text": -1}, {"text": 0, "reference": 0}):
+        with pytest.raises(ModelConfigError, match="selection.weights"):
+            ModelProfile.from_dict({"sam": {"variant": "tiny"}, "selection": {"weights": bad}})
+    p = ModelProfile.from_dict({"sam": {"variant": "tiny"},
+                                "selection": {"weights": {"reference": 3}}})
+    assert p.selection_weights == {"reference": 3.0}
 
 
 def test_annotation_key_names_image_and_annotation():

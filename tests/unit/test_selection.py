@@ -130,3 +130,14 @@ def test_reference_mode_answers_with_the_reference_mask():
     assert (sel.strategy, sel.selected) == ("reference", 1)
     with pytest.raises(ValueError, match="reference mask"):
         select(CANDS, SCORES, {"text": CANDS[0]}, mode="reference")
+
+
+def test_the_mean_weighs_each_expert():
+    text = masks_from_boxes([(0, 20, 0, 14)])[0]
+    reference = masks_from_boxes([(3, 13, 5, 15)])[0]
+    experts = {"text": text, "reference": reference}
+    ious = {k: mask_ious(CANDS, m) for k, m in experts.items()}
+    assert select(CANDS, SCORES, experts, weights={"reference": 1.0}).selected == 1
+    heavy = select(CANDS, SCORES, experts, weights={"text": 3.0})
+    votes = (3 * ious["text"] + ious["reference"]) / 4
+    assert heavy.selected == 2 and heavy.agreement == pytest.approx(votes[2])

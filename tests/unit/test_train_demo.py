@@ -90,3 +90,43 @@ def test_a_few_steps_write_official_layout_checkpoints(tmp_path):
     img = np.full((240, 320, 3), 120, dtype=np.uint8)
     res = pipe.segment(img, [[100, 100]], text="the small red circle")
     assert res.mask.shape == (240, 320) and res.candidates.shape == (3, 240, 320)
+
+
+def test_reference_stage_trains_on_the_frozen_sam_and_writes_its_layout(tmp_path):
+    """A few steps of biprompt.train.reference on the bundled SAM: episodes pair objects of one
+    class across scenes, SAM is untouched, and vrp_demo/ loads as the profile's reference model."""
+    import shutil
+
+    from biprompt.models.vrp import load_vrp
+    from biprompt.train import reference
+
+    shutil.copy("models/demo/sam_demo.pth", tmp_path / "sam_demo.pth")
+    before = (tmp_path / "sam_demo.pth").read_bytes()
+    summary = reference.main(["--model", str(tmp_path), "--pool", "24", "--held-out", "8",
+                              "--held-out-episodes", "64", "--steps", "3", "--batch", "4",
+                              "--log-every", "1", "--quiet", "--threads", "1"])
+    assert (tmp_path / "sam_demo.pth").read_bytes() == before
+    assert 0.0 <= summary["held_out_iou"] <= 1.0
+    vrp = load_vrp(tmp_path / "vrp_demo")
+    assert vrp.config.own_decoder and vrp.mask_decoder is not None
+    rows = [json.loads(line) for line in (tmp_path / "reference_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the pool's episodes: the reference object has the target's class, in another scene
+    from biprompt.factory import load_sam
+
+    sam = load_sam(tmp_path / "sam_demo.pth", "demo").model.float().eval()
+    pool = reference.Pool(sam, 12, np.random.default_rng(0), quiet=True)
+    for key, members in pool.by_class.items():
+        assert all(pool.objects[i][1] == key for i in members)
+    tgt, ref, ref_mask, gt = pool.episodes(np.random.default_rng(1), 5)
+    assert tgt.shape == ref.shape and ref_mask.shape[1:] == (1, 16, 16)
+    assert gt.shape[1:] == (1, 128, 128) and float(gt.max()) <= 1.0
+    profile = {"name": "t", "sam": {"checkpoint": str(tmp_path / "sam_demo.pth"),
+                                    "variant": "demo"},
+               "reference_model": {"checkpoint": str(tmp_path / "vrp_demo")}}
+    pipe = BiPromptPipeline.from_profile(profile)
+    img = np.full((256, 256, 3), 120, np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[50:100, 50:100] = True
+    res = pipe.segment(img, [[70, 70]], reference=pipe.encode_reference(img, mask=mask))
+    assert "reference" in res.expert_masks
