@@ -37,11 +37,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "memory"
-DEPLOYMENTS = ("ImageEncoder", "PointDecoder", "TextMask", "Selector", "Ingress")
+DEPLOYMENTS = ("ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask", "Selector",
+               "Ingress")
 # What a replica or pipeline may hold, by the name `weights()` / `stats()["weights"]` report;
 # "evf.image_encoder" is EVF-SAM's own copy of SAM's image encoder.
+# "vrp" and "reference.sam.*" are the reference expert's (its VRP encoder, and the SAM prompt
+# encoder and mask decoder it turns annotations into masks with).
 PARTS = ("sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder", "evf.beit3",
-         "evf.text_hidden_fcs", "evf.prompt_encoder", "evf.mask_decoder", "evf.image_encoder")
+         "evf.text_hidden_fcs", "evf.prompt_encoder", "evf.mask_decoder", "evf.image_encoder",
+         "vrp", "reference.sam.prompt_encoder", "reference.sam.mask_decoder")
 IMAGE_SIZE = (480, 640)  # rows, columns: the served vit_b benchmark's images
 CHILD_TIMEOUT_S = 300
 

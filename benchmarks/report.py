@@ -16,7 +16,8 @@ TARGETS = {
 MEMORY_BASELINE_SCALE = "vit_b"
 MEMORY_BASELINE_MB = {"whole pipeline": 1632, "ImageEncoder": 1720, "PointDecoder": 1720,
                       "TextMask": 1720, "Selector": 326, "Ingress": 339}
-MEMORY_ORDER = ("ImageEncoder", "PointDecoder", "TextMask", "Selector", "Ingress")
+MEMORY_ORDER = ("ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask", "Selector",
+                "Ingress")
 
 SCENARIOS = [
     ("cold", "cold request (new image)"),

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 APP = "soak"
 SAMPLE_S = 10.0
 STOP_TIMEOUT_S = 30  # locust lets each user finish its task after the run time
-DEPLOYMENTS = ("Ingress", "ImageEncoder", "PointDecoder", "TextMask", "Selector")
+DEPLOYMENTS = ("Ingress", "ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask",
+               "Selector")
 
 # --- the run ------------------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ def evaluate_shapes(
         strategies[res.strategy] += 1
         masks = method_masks(res, sample.gt_mask)
         if episode is not None:
-            masks.update(reference_method_masks(res, pipeline.weights))
+            masks.update(reference_method_masks(res, pipeline.expert_weights))
         for method, mask in masks.items():
             scores[method]["all"].add(mask, sample.gt_mask)
             if sample.ambiguous:

@@ -67,7 +67,7 @@ class BiPromptPipeline:
         self.encoder, self.decoder, self.text = encoder, decoder, text
         self.reference = reference
         self.agreement_threshold, self.rule = agreement_threshold, rule
-        self.weights = dict(weights or {})
+        self.expert_weights = dict(weights or {})
         self.name = name or encoder.model_id
 
     # --- construction -----------------------------------------------------------------------
@@ -295,5 +295,5 @@ class BiPromptPipeline:
         masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=True))
         return [join(cands.get(i), {"text": masks[p.text.strip()] if w else None,
                                     "reference": ref_mask if p.mode != "point" else None},
-                     p.mode, self.agreement_threshold, self.rule, self.weights)
+                     p.mode, self.agreement_threshold, self.rule, self.expert_weights)
                 for i, (p, w) in enumerate(zip(ps, wants_text, strict=True))]

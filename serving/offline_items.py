@@ -22,6 +22,8 @@ from deployments.selector import encode_mask
 # The output is COCO RLE (or no mask); polygons and PNGs are for the served path's callers.
 OFFLINE_MASK_FORMATS = ("rle", "none")
 _ANY_IMAGE_ID = "0" * 64
+REFERENCE_OFFLINE = ("the offline batch takes no `reference` yet: send reference items to a "
+                     "server (`biprompt batch`), which encodes each reference once")
 IMAGE_ID_OFFLINE = ("the offline batch reads images from files: give \"image\" (a path); an "
                     "image_id names an embedding in a server's cache")
 
@@ -46,6 +48,8 @@ def prepare(item: dict, size: tuple[int, int]) -> tuple[Prompt, SegmentRequest]:
         fields["point_labels"] = fields.pop("labels")
     if "image_id" in fields:
         raise InvalidInputError(IMAGE_ID_OFFLINE)
+    if fields.get("reference") is not None or fields.get("mode") == "reference":
+        raise InvalidInputError(REFERENCE_OFFLINE)
     try:
         req = SegmentRequest.model_validate({"image_id": _ANY_IMAGE_ID, **fields})
     except ValidationError as exc:

@@ -32,6 +32,10 @@ from biprompt.types import ImageEmbedding, PointCandidates
 MASK_THRESHOLD = 0.0  # segment-anything's Sam.mask_threshold
 BATCHING_MODES = ("auto", "batched", "looped")
 BATCH_PROBE_PROMPTS = 16  # the serving deployment's max_batch_size
+# alternating rounds of the batching measure, the fastest of each kept: one round let a single
+# noisy call decide (vit_b, make bench at a98aef6: batched chosen at 532 ms where 16 single calls
+# took 464)
+BATCHING_ROUNDS = 3
 
 
 @dataclass
@@ -170,7 +174,8 @@ class PointDecoderBase:
         if self.batching_mode == "auto" and not self.batching.measured:
             self.measure_batching()
 
-    def measure_batching(self, n: int = BATCH_PROBE_PROMPTS, rounds: int = 1) -> BatchingChoice:
+    def measure_batching(self, n: int = BATCH_PROBE_PROMPTS,
+                         rounds: int = BATCHING_ROUNDS) -> BatchingChoice:
         """Time `n` one-point prompts on one image as one batched call and as `n` single calls
         (after one untimed batched call; `rounds` alternating rounds, the fastest of each), and
         keep the faster for groups of more than one prompt."""

@@ -215,7 +215,7 @@ def test_a_short_soak_on_the_tiny_model(tmp_path):
     assert report["totals"]["failures"] == 0, report["totals"]
     assert report["checks"][0]["pass"] is True
     assert {r["deployment"] for r in report["rss"]["replicas"]} == {
-        "Ingress", "ImageEncoder", "PointDecoder", "TextMask", "Selector"}
+        "Ingress", "ImageEncoder", "PointDecoder", "TextMask", "ReferenceMask", "Selector"}
     print(f"soak smoke: {time.perf_counter() - t:.1f} s, exit {proc.returncode}")
 
 

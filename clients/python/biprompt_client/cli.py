@@ -217,7 +217,8 @@ def cmd_embed(args) -> int:
 # --- batch ----------------------------------------------------------------------------------
 
 _REQUEST_KEYS = {"image", "image_id", "points", "labels", "point_labels", "box", "text", "mode",
-                 "mask_format", "return_candidates", "return_text_mask"}
+                 "mask_format", "return_candidates", "return_text_mask", "reference",
+                 "return_expert_masks"}
 _COCO_KEYS = {"coco_image_id", "category_id"}  # for --coco only; never sent
 
 
@@ -245,6 +246,10 @@ def read_requests(path: Path) -> list[dict]:
             rec["image"] = img if img.is_absolute() else path.parent / img
         if "point_labels" in rec:
             rec["labels"] = rec.pop("point_labels")
+        ref = rec.get("reference")
+        if isinstance(ref, dict) and isinstance(ref.get("image"), str):
+            img = Path(ref["image"])
+            rec["reference"] = {**ref, "image": img if img.is_absolute() else path.parent / img}
         reqs.append(rec)
     return reqs
 
