@@ -312,3 +312,46 @@ def test_the_pages_rle_decoder_reads_what_python_writes(page):
     big[0, 0] = True
     got = page.d.execute_async_script(DECODE_JS, rle.encode(big), True)
     assert got == [int(big.sum()), 0, 0, 3999, 2998]
+
+
+def test_a_reference_votes_on_the_next_image(demo_app, page):
+    """"Use as reference" keeps the drawn mask as the example; on the next image the page sends
+    it as `reference` and shows the reference expert's mask and each candidate's IoU with it."""
+    first_id = page.open_sample(SAMPLE.file)
+    page.type_text(TEXT)
+    page.click_pixel(*ON_SQUARE)
+    page.segmented(0)
+    first_mask = page.drawn_mask()
+    page.el("#use-reference").click()
+    ref = json.loads(page.el("#stage").get_attribute("data-reference"))
+    assert ref["image_id"] == first_id and np.array_equal(rle.decode(ref["mask"]), first_mask)
+    assert f"Reference: {SAMPLE.file}" in page.el("#reference-info").text
+
+    other = next(b for b in BUNDLED if b.name == "blue-circles")
+    page.el(f'button[data-sample="{other.file}"]').click()
+    page.until("the second image", lambda: page.idle() and page.el("#stage").get_attribute(
+        "data-image-id") not in (None, first_id))
+    ys, xs = np.nonzero(other.scene().objects[0].mask)
+    point = (int(xs[len(xs) // 2]), int(ys[len(ys) // 2]))
+    page.type_text("")
+    page.el("#text").clear()
+    before = page.seq()
+    page.click_pixel(*point)
+    sent = page.segmented(before)
+    assert sent["reference"] == ref and sent["return_expert_masks"] is True
+    assert sent["points"] == [list(point)] and "text" not in sent
+    answer = api_segment(demo_app.base_url, sent).json()
+    assert np.array_equal(page.drawn_mask(), rle.decode(answer["mask"]))
+
+    page.el("#why summary").click()
+    cards = [c.text for c in page.d.find_elements("css selector", "#candidates figure")]
+    assert cards[-1].startswith("reference mask")
+    for card, cand in zip(cards[:3], answer["candidates"], strict=True):
+        assert f"IoU with reference {cand['expert_ious']['reference']:.2f}" in card
+    assert "reference mask cache" in page.el("#decision").text
+
+    page.el("#clear-reference").click()
+    assert page.el("#reference-info").text == "No reference image."
+    before = page.seq()
+    page.click_pixel(*point)
+    assert "reference" not in page.segmented(before)

@@ -1,6 +1,8 @@
 // The demo page: open an image (uploaded once through /v1/embed, then named by image_id),
 // click / shift-click / drag a box, type an expression, and see the selected mask, SAM's three
 // candidates, the text mask and why one candidate won. Every mask comes as COCO RLE.
+// "Use as reference" keeps the current mask as an example: on every later image (until "No
+// reference") the reference expert votes too, "things like this one".
 
 import { api, ApiError, blobToBase64 } from "./api.js";
 import { binaryImage, focus, maskImage, spotlight } from "./masks.js";
@@ -11,6 +13,7 @@ const DRAG_PX = 4; // a press that moves further than this is a box, not a click
 const TINT = [30, 144, 255]; // the selected mask
 const CANDIDATE_EDGE = [255, 255, 255]; // thumbnails: the image dimmed outside the mask
 const TEXT_EDGE = [255, 215, 0];
+const REFERENCE_EDGE = [236, 72, 153];
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -20,7 +23,8 @@ const els = {
   clear: $("clear"), png: $("download-png"), rle: $("download-rle"), status: $("status"),
   error: $("error"), why: $("why"), reason: $("reason"), decision: $("decision"),
   candidates: $("candidates"), timings: $("timings"), keyForm: $("key-form"),
-  apiKey: $("api-key"), serverInfo: $("server-info"),
+  apiKey: $("api-key"), serverInfo: $("server-info"), useReference: $("use-reference"),
+  clearReference: $("clear-reference"), referenceInfo: $("reference-info"),
 };
 
 const state = {
@@ -28,6 +32,7 @@ const state = {
   points: [], // [{x, y, label}] in image pixels
   box: null, // [x0, y0, x1, y1]
   history: [], // one {points, box, answer} per answer drawn, for undo and refinement
+  reference: null, // {imageId, name, mask (COCO RLE)}: the example every later image is asked for
   busy: false,
 };
 
@@ -136,6 +141,10 @@ function segmentBody(refine) {
   if (state.box) body.box = state.box;
   const text = els.text.value.trim();
   if (text) body.text = text;
+  if (state.reference) {
+    body.reference = { image_id: state.reference.imageId, mask: state.reference.mask };
+    body.return_expert_masks = true;
+  }
   const prev = last();
   if (refine && prev && prev.answer.logits_id) body.mask_input_id = prev.answer.logits_id;
   return body;
@@ -162,6 +171,23 @@ async function segment(refine) {
       throw err;
     }
   });
+}
+
+function useAsReference() {
+  const answer = last() && last().answer;
+  if (state.busy || !answer || !answer.mask) return;
+  const mask = { size: answer.mask.size, counts: answer.mask.counts };
+  state.reference = { imageId: state.image.id, name: state.image.name, mask };
+  els.stage.dataset.reference = JSON.stringify({ image_id: state.image.id, mask });
+  renderReference();
+}
+
+function renderReference() {
+  const ref = state.reference;
+  els.referenceInfo.textContent = ref
+    ? `Reference: ${ref.name}, ${area(decodeRle(ref.mask))} px. Open another image: objects ` +
+      "like it get a vote." : "No reference image.";
+  els.clearReference.disabled = !ref;
 }
 
 function undo() {
@@ -235,7 +261,7 @@ function draw() {
   drawMarks();
   renderHeadline(answer, selected);
   renderWhy(answer);
-  els.png.disabled = els.rle.disabled = !selected;
+  els.png.disabled = els.rle.disabled = els.useReference.disabled = !selected;
   els.undo.disabled = !state.history.length;
 }
 
@@ -278,9 +304,11 @@ function renderHeadline(answer, selected) {
   }
   const pick = answer.selected === null ? "the text mask" : `candidate ${answer.selected}`;
   const pixels = selected ? area(selected) : 0;
+  const experts = answer.expert_agreement === null || answer.expert_agreement === undefined
+    ? "" : ` · experts agree ${fmt(answer.expert_agreement)}`;
   els.headline.textContent = `${pixels} px · ${pick} · ${answer.strategy} · ` +
-    `agreement ${fmt(answer.agreement)} · ${Math.round(answer.timings_ms.total)} ms · ` +
-    `embedding cache ${answer.cache}`;
+    `agreement ${fmt(answer.agreement)}${experts} · ${Math.round(answer.timings_ms.total)} ms ` +
+    `· embedding cache ${answer.cache}`;
 }
 
 function thumbnail(mask, tint, region, title, lines, chosen) {
@@ -316,8 +344,11 @@ function reason(answer) {
     case "biprompt": {
       const own = top && top.index !== answer.selected ? `; SAM alone would have picked ` +
         `candidate ${top.index}` : "";
-      return `Candidate ${answer.selected} agrees best with the text mask ` +
-        `(IoU ${fmt(answer.agreement)})${own}.`;
+      const voters = cands.length ? Object.keys(cands[0].expert_ious || { text: 0 }) : ["text"];
+      const which = voters.length > 1 ? `the ${voters.join(" and ")} masks (their weighted ` +
+        `mean IoU ${fmt(answer.agreement)})` : `the ${voters[0]} mask (IoU ` +
+        `${fmt(answer.agreement)})`;
+      return `Candidate ${answer.selected} agrees best with ${which}${own}.`;
     }
     case "fallback_no_text": return `No text: ${samTop}.`;
     case "fallback_empty_text": return `The text mask is empty: ${samTop}.`;
@@ -326,6 +357,8 @@ function reason(answer) {
         `the server's threshold): ${samTop}.`;
     case "point": return `Point mode: ${samTop}.`;
     case "text": return "Text mode: EVF-SAM's mask.";
+    case "reference": return "Reference mode: the reference expert's mask, objects like the " +
+      "reference image's.";
     default: return answer.strategy;
   }
 }
@@ -340,6 +373,8 @@ function renderWhy(answer) {
     ["strategy", answer.strategy], ["selected", answer.selected ?? "–"],
     ["agreement", fmt(answer.agreement, 3)], ["mode", answer.mode],
     ["embedding cache", answer.cache], ["text mask cache", answer.text_cache ?? "–"],
+    ["reference mask cache", answer.reference_cache ?? "–"],
+    ["experts agree", fmt(answer.expert_agreement, 3)],
     ["image id", answer.image_id.slice(0, 12) + "…"], ["request id", answer.request_id],
   ];
   for (const [k, v] of facts) {
@@ -349,18 +384,29 @@ function renderWhy(answer) {
   const { width: w, height: h } = state.image;
   const cands = answer.candidates.map((c) => ({ ...c, bits: c.mask && decodeRle(c.mask) }));
   const textMask = answer.text_mask && decodeRle(answer.text_mask);
-  const region = focus([...cands.map((c) => c.bits), textMask].filter(Boolean), w, h);
+  const refMask = answer.reference_mask && decodeRle(answer.reference_mask);
+  const region = focus([...cands.map((c) => c.bits), textMask, refMask].filter(Boolean), w, h);
   for (const c of cands) {
     const chosen = c.index === answer.selected;
+    const lines = [`predicted IoU ${fmt(c.predicted_iou)}`, `IoU with text ${fmt(c.text_iou)}`];
+    if (c.expert_ious && "reference" in c.expert_ious) {
+      lines.push(`IoU with reference ${fmt(c.expert_ious.reference)}`);
+    }
     els.candidates.append(thumbnail(c.bits, CANDIDATE_EDGE, region,
                                     `candidate ${c.index}${chosen ? " (selected)" : ""}`,
-                                    [`predicted IoU ${fmt(c.predicted_iou)}`,
-                                     `IoU with text ${fmt(c.text_iou)}`], chosen));
+                                    lines, chosen));
   }
+  const alone = answer.selected === null;
   if (textMask) {
     els.candidates.append(thumbnail(textMask, TEXT_EDGE, region, "text mask",
-                                    [answer.selected === null ? "(selected)" : "EVF-SAM"],
-                                    answer.selected === null));
+                                    [alone && answer.mode === "text" ? "(selected)" : "EVF-SAM"],
+                                    alone && answer.mode === "text"));
+  }
+  if (refMask) {
+    const chosen = alone && answer.mode === "reference";
+    els.candidates.append(thumbnail(refMask, REFERENCE_EDGE, region, "reference mask",
+                                    [chosen ? "(selected)" : "things like the reference"],
+                                    chosen));
   }
   for (const [k, v] of Object.entries(answer.timings_ms)) {
     const row = els.timings.insertRow();
@@ -426,7 +472,8 @@ async function loadSamples() {
 async function loadServerInfo() {
   try {
     const info = await api("v1/models", undefined, apiKey());
-    els.serverInfo.textContent = `SAM ${info.model.sam}, text ${info.model.text ?? "none"}; ` +
+    els.serverInfo.textContent = `SAM ${info.model.sam}, text ${info.model.text ?? "none"}, ` +
+      `reference ${info.model.reference ?? "none"}; ` +
       `at most ${info.limits.max_text_chars} characters of text; cache: ${info.cache}`;
   } catch (err) {
     els.serverInfo.textContent = `GET /v1/models: ${err.message}`;
@@ -443,7 +490,8 @@ function wire() {
     e.preventDefault();
     if (!state.image) {
       els.headline.textContent = "Open an image first.";
-    } else if (state.points.length || state.box || mode() === "text") {
+    } else if (state.points.length || state.box || mode() === "text" ||
+               (mode() === "reference" && state.reference)) {
       segment(false);
     } else {
       els.headline.textContent = "Click the object first, or switch to text mode.";
@@ -469,6 +517,12 @@ function wire() {
     resetPrompts();
     draw();
   });
+  els.useReference.addEventListener("click", useAsReference);
+  els.clearReference.addEventListener("click", () => {
+    state.reference = null;
+    delete els.stage.dataset.reference;
+    renderReference();
+  });
   els.png.addEventListener("click", downloadPng);
   els.rle.addEventListener("click", downloadRle);
   els.apiKey.value = sessionStorage.getItem("biprompt-api-key") || "";
@@ -479,7 +533,8 @@ function wire() {
   };
   els.apiKey.addEventListener("change", keyChanged);
   els.keyForm.addEventListener("submit", keyChanged);
-  els.png.disabled = els.rle.disabled = els.undo.disabled = true;
+  els.png.disabled = els.rle.disabled = els.undo.disabled = els.useReference.disabled = true;
+  renderReference();
 }
 
 wire();
