@@ -6,7 +6,8 @@ model replicas an `EmbeddingRef`, routed with Serve's model multiplexing keyed b
 cache key, so every click on an image goes to the replica that already holds its embedding. Each
 PointDecoder and TextMask replica keeps the embeddings it was asked about in an LRU of its own
 (`ReplicaEmbeddings`: Serve's multiplexed loader in a replica, a plain LRU elsewhere), filled from
-Redis on a miss. The ImageEncoder answers a ref too once its own write to Redis succeeded.
+Redis on a miss. The ImageEncoder answers a ref too once its own write to Redis succeeded. A
+cached expert mask goes the same way (`CachedMask`) when the join runs on the PointDecoder.
 
 Without a shared cache (the in-process LRU), or when a replica can't read the value (Redis down
 or the value evicted: `EmbeddingUnavailable`), the embedding travels as bytes, as it always did:
@@ -49,6 +50,16 @@ class EmbeddingRef:
     @property
     def image_id(self) -> str | None:
         return self.header.get("image_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedMask:
+    """An expert mask the Ingress found cached (COCO RLE under `key`, made by `model_id`): the
+    PointDecoder reads it from the cache itself, so a warm click does not carry it through the
+    Ingress (tens of KB for a ragged mask at 640x480)."""
+
+    key: str
+    model_id: str
 
 
 def header_of(value: bytes | EmbeddingRef) -> dict:

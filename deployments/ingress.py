@@ -69,7 +69,13 @@ from biprompt.images import decode_image_bytes
 from biprompt.preprocess import check_model_input
 from biprompt.prompts import make_prompt
 from deployments.common import make_cache, pack_rle, replica_stats
-from deployments.embeddings import EmbeddingRef, EmbeddingUnavailable, header_of, payload_bytes
+from deployments.embeddings import (
+    CachedMask,
+    EmbeddingRef,
+    EmbeddingUnavailable,
+    header_of,
+    payload_bytes,
+)
 from deployments.http import (
     PUBLIC_PATHS,
     api,
@@ -339,6 +345,9 @@ class Ingress:
             # every expert mask is known already (cached, or none asked): the join runs on the
             # PointDecoder, next to the candidates; no Selector hop, no candidate masks sent
             experts = {"text": text, **({"reference": reference} if reference is not None else {})}
+            if refs and self.cache.store.shared:
+                # a cached mask by its key: the PointDecoder reads it from Redis itself
+                experts = {k: self._by_key(v) for k, v in experts.items()}
             args = (emb, prompt, want_logits, {"spec": spec, "experts": experts})
             out = (await self._near(self.decoder, emb).remote(*args))["joined"]
             moved["points"] = payload_bytes(args) + payload_bytes(out)
@@ -384,6 +393,13 @@ class Ingress:
                 "cache": cache_state, "text_cache": text_cache,
                 "reference_cache": reference_cache, "timings_ms": timings,
                 "bytes_moved": moved, "model": info["model"]}
+
+    @staticmethod
+    def _by_key(value):
+        """A cached expert mask (as `_cached_mask` returns it) as a `CachedMask`; else as is."""
+        if isinstance(value, dict) and "key" in value and "model_id" in value:
+            return CachedMask(value["key"], value["model_id"])
+        return value
 
     @staticmethod
     def _near(handle: DeploymentHandle, emb) -> DeploymentHandle:
@@ -436,9 +452,11 @@ class Ingress:
 
     async def _cached_mask(self, img_id: str, text: str, info: dict):
         """The text mask's key and its cached value (COCO RLE, as the Selector reads it)."""
-        key = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id, text)
-        rle = await self.cache.get_mask_rle(key, info["model"]["text"])
-        return key, None if rle is None else {"rle": [rle], "shape": tuple(rle["size"])}
+        key, model_id = text_mask_key(info["model"]["sam"], info["model"]["text"], img_id,
+                                      text), info["model"]["text"]
+        rle = await self.cache.get_mask_rle(key, model_id)
+        return key, None if rle is None else {"rle": [rle], "shape": tuple(rle["size"]),
+                                              "key": key, "model_id": model_id}
 
     async def _text_mask(self, emb, text: str, img_id: str, info: dict, lookup=None):
         key, mask = await (lookup or self._cached_mask(img_id, text, info))
@@ -498,7 +516,8 @@ class Ingress:
         mask_key = reference_mask_key(sam_id, ref_model, img_id, annotation)
         cached = await self.cache.get_mask_rle(mask_key, ref_model, "reference_mask")
         if cached is not None:
-            return {"rle": [cached], "shape": tuple(cached["size"])}, "hit"
+            return {"rle": [cached], "shape": tuple(cached["size"]), "key": mask_key,
+                    "model_id": ref_model}, "hit"
         body.update(key=reference_key(sam_id, ref_model, annotation),
                     embedding=await _settled(ref_emb))
         args = (emb, body, mask_key)

@@ -28,7 +28,12 @@ from deployments.common import (
     run_model,
     warm_up,
 )
-from deployments.embeddings import EmbeddingRef, ReplicaEmbeddings
+from deployments.embeddings import (
+    CachedMask,
+    EmbeddingRef,
+    EmbeddingUnavailable,
+    ReplicaEmbeddings,
+)
 from deployments.isolation import failures, isolated, unwrap
 from deployments.process import ReplicaClock
 from deployments.selector import select
@@ -41,12 +46,14 @@ class PointDecoder:
         self.clock = ReplicaClock()
         self.args = args
         self.engine = engine or build_engine("points", args)
-        self.embeddings = ReplicaEmbeddings(cache or make_cache(args), self.engine.model_id,
+        self.cache = cache or make_cache(args)
+        self.embeddings = ReplicaEmbeddings(self.cache, self.engine.model_id,
                                             args.replica_embeddings)
         self.threshold = float(args.resolved().agreement_threshold)
         self.rule = args.resolved().profile().selection_rule
         self.weights = args.resolved().profile().selection_weights
-        self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0, "joined": 0}
+        self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0, "joined": 0,
+                       "cached_masks_read": 0}
         warm_up(self.engine, self.clock)
         self.clock.ready()
 
@@ -71,12 +78,29 @@ class PointDecoder:
         (`{"joined": ...}`): one hop and three full-size masks fewer."""
         self.counts["requests"] += 1
         emb = await self._embedding(embedding)
+        experts = await self._experts(join["experts"]) if join is not None else None
         reply = unwrap(await self._decode((emb, prompt, logits)))
         if join is None:
             return reply
         self.counts["joined"] += 1
         return {"joined": await asyncio.to_thread(select, reply, join["spec"], self.threshold,
-                                                  self.rule, self.weights, **join["experts"])}
+                                                  self.rule, self.weights, **experts)}
+
+    async def _experts(self, experts: dict) -> dict:
+        """The join's expert masks; one named by its cache key (`CachedMask`: the Ingress saw
+        it cached) is read here from the shared cache, not carried through the Ingress. Gone
+        since (evicted, Redis down): EmbeddingUnavailable, and the Ingress sends it by value."""
+        out = {}
+        for name, value in experts.items():
+            if isinstance(value, CachedMask):
+                rle = await self.cache.get_mask_rle(value.key, value.model_id, f"{name}_mask")
+                if rle is None:
+                    self.counts["failed"] += 1
+                    raise EmbeddingUnavailable(f"the cached {name} mask {value.key} is gone")
+                value = {"rle": [rle], "shape": tuple(rle["size"])}
+                self.counts["cached_masks_read"] += 1
+            out[name] = value
+        return out
 
     async def _embedding(self, value):
         """The request's embedding; one that can't be read fails this request alone, before it

@@ -60,11 +60,17 @@ def test_a_warm_click_moves_a_reference_not_the_embedding(main_url):
     assert set(moved) == {"encoder", "points", "text", "selector", "total"}
     assert moved["total"] == sum(v for k, v in moved.items() if k != "total")
 
+    read = stats("main", "PointDecoder")["cached_masks_read"]
     warm = post(main_url, "/v1/segment", {"image_id": cold["image_id"], "points": [[300, 200]],
-                                         "text": "the bright box"})
+                                         "text": "the bright box", "return_text_mask": True})
     assert warm["cache"] == "hit" and warm["text_cache"] == "hit"
     assert "encoder" not in warm["bytes_moved"] and "text" not in warm["bytes_moved"]
     assert warm["bytes_moved"]["total"] <= BOUND
+    # the cached text mask went by its key: the PointDecoder read it from Redis. What the hop
+    # carried is the answer (its mask, the text mask asked for) and a few KB besides
+    assert stats("main", "PointDecoder")["cached_masks_read"] == read + 1
+    answer = len(warm["mask"]["counts"]) + len(warm["text_mask"]["counts"])
+    assert warm["bytes_moved"]["points"] <= answer + 4096
     assert warm["mask"] == cold["mask"] and warm["candidates"] == cold["candidates"]
     another = post(main_url, "/v1/segment", {"image_id": cold["image_id"],
                                             "points": [[700, 800]], "text": "the dark corner"})

@@ -614,3 +614,34 @@ def test_ingress_answers_503_when_the_retry_fails_too(replica):
 
     assert run(go())["strategy"] == "point"
     assert not ing._inflight
+
+
+def test_the_decoder_reads_a_cached_expert_mask_by_its_key(replica):
+    """A text mask the Ingress saw cached comes as a CachedMask: the PointDecoder reads it from
+    the cache, and joins exactly as with the mask itself; once gone, EmbeddingUnavailable (the
+    Ingress then sends it by value)."""
+    from biprompt.cache import pack_mask_rle
+    from deployments.common import pack_rle
+    from deployments.embeddings import CachedMask, EmbeddingUnavailable
+
+    dep = PointDecoder(ARGS, engine=FakeDecoder())
+    text = np.zeros((40, 60), bool)
+    text[10:30, 20:40] = True
+    packed = pack_rle(text)
+    key = "biprompt:test:txr:key"
+
+    async def go():
+        await dep.cache.store.set(key, pack_mask_rle(packed["rle"][0], TEXT_ID))
+        by_value = await dep(encoded(1, "a" * 64), prompt(30, 20), False,
+                             {"spec": spec(), "experts": {"text": packed}})
+        by_key = await dep(encoded(1, "a" * 64), prompt(30, 20), False,
+                           {"spec": spec(), "experts": {"text": CachedMask(key, TEXT_ID)}})
+        await dep.cache.store.delete(key)
+        with pytest.raises(EmbeddingUnavailable, match="cached text mask"):
+            await dep(encoded(1, "a" * 64), prompt(30, 20), False,
+                      {"spec": spec(), "experts": {"text": CachedMask(key, TEXT_ID)}})
+        return by_value["joined"], by_key["joined"]
+
+    a, b = run(go())
+    a.pop("timings_ms"), b.pop("timings_ms")
+    assert a == b and a["candidates"][0]["expert_ious"]["text"] is not None
