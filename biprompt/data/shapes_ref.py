@@ -62,6 +62,35 @@ _PLACEMENT_TRIES = 64
 _MAX_REDRAWS = 1000
 
 
+@dataclass(frozen=True)
+class Variation:
+    """A wider distribution than the spec's, for training models that must hold on scenes drawn
+    by other generators (`generate_scene(..., variation=WIDE)`). Every field widens one choice:
+    colour jitter and sizes a little past the spec's limits, background range, a noise sigma drawn
+    per image, the gap between free bounding boxes drawn per image (0 lets boxes touch, which the
+    spec allows), shapes rasterised a little smaller than their box at a sub-pixel offset (other
+    rasterisers put edges elsewhere), a Gaussian blur before the noise on some images (soft,
+    anti-aliased edges), and a nested object of its host's colour now and then (the spec does not
+    forbid it; only the two objects' own colour jitter tells them apart). Ground truth is always
+    the silhouette actually drawn."""
+
+    colour_jitter: int = 24
+    sizes: tuple[tuple[str, tuple[int, int]], ...] = (("small", (20, 44)), ("large", (58, 118)))
+    background_range: tuple[int, int] = (78, 172)
+    noise_sigma: tuple[float, float] = (2.0, 13.0)
+    gaps: tuple[int, ...] = (0, 1, 2, 3, 5)
+    min_scale: float = 0.93
+    blur_p: float = 0.25
+    blur_sigma: tuple[float, float] = (0.3, 0.9)
+    nest_same_colour_p: float = 0.25
+
+    def size_range(self, size: str) -> tuple[int, int]:
+        return dict(self.sizes)[size]
+
+
+WIDE = Variation()
+
+
 @dataclass(eq=False)
 class ShapeObject:
     """One drawn object. `mask` is its full HxW bool silhouette (also where covered)."""
@@ -228,15 +257,16 @@ def resolve(scene: Scene | Sequence[_Describable], expression: str) -> list[int]
 # --- layout -----------------------------------------------------------------------------------
 
 
-def _place_free(rng: np.random.Generator, specs: list[_Spec], height: int, width: int) -> bool:
-    """Place specs (in place) with bboxes MIN_GAP apart, largest first; False on failure."""
+def _place_free(rng: np.random.Generator, specs: list[_Spec], height: int, width: int,
+                gap: int = MIN_GAP) -> bool:
+    """Place specs (in place) with bboxes `gap` px apart, largest first; False on failure."""
     boxes = np.empty((0, 4), dtype=np.int64)
     for spec in sorted(specs, key=lambda s: -s.side):
         s = spec.side
         xs = rng.integers(0, width - s + 1, _PLACEMENT_TRIES)
         ys = rng.integers(0, height - s + 1, _PLACEMENT_TRIES)
         if len(boxes):
-            g = MIN_GAP
+            g = gap
             clash = (
                 (xs[:, None] < boxes[None, :, 2] + g)
                 & (xs[:, None] + s + g > boxes[None, :, 0])
@@ -270,29 +300,32 @@ def _place_nested(rng: np.random.Generator, host: _Spec, guest: _Spec) -> bool:
     return True
 
 
-def _random_spec(rng: np.random.Generator, size: str) -> _Spec:
-    lo, hi = SIZES[size]
+def _random_spec(rng: np.random.Generator, size: str, sizes=SIZES) -> _Spec:
+    lo, hi = sizes[size]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     return _Spec(shape, colour, size, int(rng.integers(lo, hi + 1)))
 
 
 def _layout(
-    rng: np.random.Generator, n: int, nested: bool, height: int, width: int
+    rng: np.random.Generator, n: int, nested: bool, height: int, width: int,
+    ranges: dict[str, tuple[int, int]] = SIZES, gap: int = MIN_GAP, same_colour_p: float = 0.0,
 ) -> list[_Spec] | None:
     """n placed specs (the nested guest last, its host first), or None if placement failed."""
     n_free = n - 1 if nested else n
     sizes = ["large" if rng.random() < 0.5 else "small" for _ in range(n_free)]
     if nested:
         sizes[0] = "large"
-    specs = [_random_spec(rng, size) for size in sizes]
-    if not _place_free(rng, specs, height, width):
+    specs = [_random_spec(rng, size, ranges) for size in sizes]
+    if not _place_free(rng, specs, height, width, gap):
         return None
     if nested:
         host = specs[0]
-        lo, hi = SIZES["small"]
+        lo, hi = ranges["small"]
         hi = min(hi, _max_nested_side(host.shape, host.side))
         colours = [c for c in COLOURS if c != host.colour]
+        if same_colour_p and rng.random() < same_colour_p:
+            colours = [host.colour]
         guest = _Spec(
             SHAPES[int(rng.integers(len(SHAPES)))],
             colours[int(rng.integers(len(colours)))],
@@ -308,7 +341,27 @@ def _layout(
 # --- rendering --------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
+def varied_shape_mask(shape: str, side: int, rng: np.random.Generator, min_scale: float) -> np.ndarray:
+    """`shape_mask`, drawn at a random scale in [min_scale, 1] of its box and a random sub-pixel
+    offset that keeps it inside the box: where another rasteriser would put the edges."""
+    h = side / 2
+    r = h * rng.uniform(min_scale, 1.0)
+    cx, cy = h + rng.uniform(-1, 1, size=2) * (h - r)
+    c = np.arange(side, dtype=np.float64) + 0.5
+    x, y = c[None, :], c[:, None]
+    if shape == "square":
+        m = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+    elif shape == "circle":
+        m = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    elif shape == "triangle":
+        top = cy - r
+        m = (y >= top) & (y <= cy + r) & (np.abs(x - cx) <= (y - top) / 2)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return m
+
+
+@lru_cache(maxsize=128)
 def _noise_table(sigma: float = NOISE_SIGMA, bits: int = 16) -> np.ndarray:
     """Inverse CDF of round(N(0, sigma^2)) at the 2^bits mid-quantiles, int8 (|n| <= 4.4 sigma)."""
     ks = np.arange(-int(12 * sigma), int(12 * sigma) + 1)
@@ -319,14 +372,20 @@ def _noise_table(sigma: float = NOISE_SIGMA, bits: int = 16) -> np.ndarray:
     return table
 
 
-def add_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """`image` (H, W, 3) uint8 plus rounded Gaussian noise of sigma NOISE_SIGMA, clipped."""
+def add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float = NOISE_SIGMA) -> np.ndarray:
+    """`image` (H, W, 3) uint8 plus rounded Gaussian noise of `sigma` (the spec's 8), clipped."""
     raw = rng.bit_generator.random_raw((image.size + 3) // 4)  # uint64: four 16-bit draws each
     u = raw.view(np.uint16)[: image.size].reshape(image.shape)
     noisy = image.astype(np.int16)
-    noisy += np.take(_noise_table(), u)
+    noisy += np.take(_noise_table(sigma), u)
     np.clip(noisy, 0, 255, out=noisy)
     return noisy.astype(np.uint8)
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
 
 
 def _check_canvas(height: int, width: int) -> None:
@@ -335,16 +394,24 @@ def _check_canvas(height: int, width: int) -> None:
 
 
 def generate_scene(
-    rng: np.random.Generator, height: int = 256, width: int = 256, *, noise: bool = True
+    rng: np.random.Generator, height: int = 256, width: int = 256, *, noise: bool = True,
+    variation: Variation | None = None,
 ) -> Scene:
-    """Draw one ShapesRef scene of `height` x `width` px; `noise=False` skips the final noise."""
+    """Draw one ShapesRef scene of `height` x `width` px; `noise=False` skips the final noise.
+
+    `variation` (training only) widens the distribution past the spec; None draws to the spec."""
     _check_canvas(height, width)
+    v = variation
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     nested = bool(rng.random() < NEST_PROBABILITY)
-    lo, hi = BACKGROUND_RANGE
-    background = tuple(int(v) for v in rng.integers(lo, hi + 1, size=3))
+    lo, hi = BACKGROUND_RANGE if v is None else v.background_range
+    background = tuple(int(c) for c in rng.integers(lo, hi + 1, size=3))
+    ranges = SIZES if v is None else dict(v.sizes)
+    gap = MIN_GAP if v is None else int(v.gaps[rng.integers(len(v.gaps))])
+    jitter = COLOUR_JITTER if v is None else v.colour_jitter
     for _ in range(_MAX_REDRAWS):
-        specs = _layout(rng, n, nested, height, width)
+        specs = _layout(rng, n, nested, height, width, ranges, gap,
+                        0.0 if v is None else v.nest_same_colour_p)
         if specs is None:
             continue
         expressions = [expression_for(specs, i) for i in range(n)]
@@ -358,18 +425,22 @@ def generate_scene(
     objects = []
     for spec in specs:
         base = np.array(COLOURS[spec.colour])
-        rgb = base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        rgb = np.clip(base + rng.integers(-jitter, jitter + 1, size=3), 0, 255)
         x0, y0, x1, y1 = spec.x0, spec.y0, spec.x0 + spec.side, spec.y0 + spec.side
         mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = shape_mask(spec.shape, spec.side)
+        mask[y0:y1, x0:x1] = (shape_mask(spec.shape, spec.side) if v is None else
+                              varied_shape_mask(spec.shape, spec.side, rng, v.min_scale))
         mask.setflags(write=False)
         np.copyto(image[y0:y1, x0:x1], rgb.astype(np.uint8), where=mask[y0:y1, x0:x1, None])
         rgb_t = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
         objects.append(
             ShapeObject(spec.shape, spec.colour, spec.size, rgb_t, (x0, y0, x1, y1), mask)
         )
+    if v is not None and rng.random() < v.blur_p:
+        image = _blur(image, float(rng.uniform(*v.blur_sigma)))
     if noise:
-        image = add_noise(image, rng)
+        sigma = NOISE_SIGMA if v is None else float(np.round(rng.uniform(*v.noise_sigma), 1))
+        image = add_noise(image, rng, sigma)
     return Scene(
         image=image,
         objects=objects,

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anything)
-from biprompt.data.shapes_ref import COLOURS, SHAPES, Scene, generate_scene
+from biprompt.data.shapes_ref import COLOURS, SHAPES, WIDE, Scene, Variation, generate_scene
 from biprompt.models.beit3 import Beit3Spec
 from biprompt.models.decoding import decode_pairs
 from biprompt.models.evf import EvfConfig, EvfSam
@@ -47,6 +47,22 @@ DEMO_BEIT3 = Beit3Spec(embed_dim=128, layers=4, heads=4, ffn_dim=512, img_size=1
                        patch_size=16, vocab_size=0, max_source_positions=66)
 # (height, width) of training canvases and how often each is drawn
 CANVASES = (((256, 256), 0.6), ((240, 320), 0.2), ((320, 240), 0.1), ((224, 288), 0.1))
+# With the wide distribution, this share of canvases has sides drawn uniformly in FREE_SIDES
+FREE_CANVAS_P, FREE_SIDES = 0.3, (192, 336)
+
+
+def draw_canvas(rng: np.random.Generator, variation: Variation | None) -> tuple[int, int]:
+    """(height, width) of one training scene: the listed canvases, and with a variation also
+    free ones, so the model meets other sizes and aspect ratios than those it is scored on."""
+    if variation is not None and rng.random() < FREE_CANVAS_P:
+        lo, hi = FREE_SIDES
+        return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+    canvases, weights = zip(*CANVASES, strict=True)
+    return canvases[rng.choice(len(canvases), p=np.array(weights) / sum(weights))]
+
+
+def scene_variation(wide: bool) -> Variation | None:
+    return WIDE if wide else None
 
 
 @dataclass
@@ -70,14 +86,15 @@ def _gt_frame(mask: np.ndarray, input_size: tuple[int, int], size: int) -> torch
 
 
 def make_batch(rng: np.random.Generator, n_images: int, prompts: int, size: int,
-               beit_size: int, text_targets: bool = False) -> Batch:
+               beit_size: int, text_targets: bool = False,
+               variation: Variation | None = None) -> Batch:
     """`prompts` per scene. Stage 1 (points): a point uniform on a random object; the loss target
-    is sampled among the objects under it. Stage 2 (text): the target is the object itself."""
-    canvases, weights = zip(*CANVASES, strict=True)
+    is sampled among the objects under it. Stage 2 (text): the target is the object itself.
+    `variation` draws scenes (and canvases) from a wider distribution than the spec's."""
     images, beit, coords, gts, texts = [], [], [], [], []
     for _ in range(n_images):
-        h, w = canvases[rng.choice(len(canvases), p=np.array(weights) / sum(weights))]
-        scene: Scene = generate_scene(rng, h, w)
+        h, w = draw_canvas(rng, variation)
+        scene: Scene = generate_scene(rng, h, w, variation=variation)
         x = sam_resize(scene.image, size)
         input_size = (x.shape[-2], x.shape[-1])
         images.append(sam_normalize_pad(x, size))
@@ -169,7 +186,8 @@ def train_sam(args, log_path: Path) -> torch.nn.Module:
     for step in bar:
         lr = lr_at(step, args.sam_steps, args.sam_lr, args.warmup)
         _set_lr(opt, lr)
-        b = make_batch(rng, args.images, k, size, DEMO_BEIT3.img_size)
+        b = make_batch(rng, args.images, k, size, DEMO_BEIT3.img_size,
+                       variation=scene_variation(args.wide))
         emb = sam.image_encoder(b.images).repeat_interleave(k, 0)
         labels = torch.ones(len(b.coords), 1, dtype=torch.int)
         sparse, dense = pe(points=(b.coords, labels), boxes=None, masks=None)
@@ -224,7 +242,8 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
     for step in bar:
         lr = lr_at(step, args.evf_steps, args.evf_lr, args.warmup)
         _set_lr(opt, lr)
-        b = make_batch(rng, args.evf_images, k, size, beit.img_size, text_targets=True)
+        b = make_batch(rng, args.evf_images, k, size, beit.img_size, text_targets=True,
+                       variation=scene_variation(args.wide))
         with torch.no_grad():
             emb = encoder(b.images).repeat_interleave(k, 0)
         ids, padding = tok(b.texts)
@@ -268,6 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=40)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the wide distribution (shapes_ref.WIDE, free canvases)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

@@ -33,13 +33,14 @@ from biprompt.models.decoding import decode_pairs
 from biprompt.models.vrp import VrpConfig, VrpEncoder, grid_mask, probe_digest, save_vrp
 from biprompt.preprocess import sam_normalize_pad, sam_resize
 from biprompt.train.demo import (
-    CANVASES,
     DEMO_SAM,
     LossLog,
     _gt_frame,
     _set_lr,
+    draw_canvas,
     half_res_losses,
     lr_at,
+    scene_variation,
 )
 
 BOX_ANNOTATION_P = 0.2
@@ -49,18 +50,18 @@ class Pool:
     """Scenes encoded once: embeddings, and per object its class, its half-size target (the
     loss's) and its area fractions on the embedding grid, both filled and as its box."""
 
-    def __init__(self, sam, n: int, rng: np.random.Generator, batch: int = 16, quiet: bool = False):
+    def __init__(self, sam, n: int, rng: np.random.Generator, batch: int = 16, quiet: bool = False,
+                 wide: bool = False):
         size, grid = DEMO_SAM.img_size, DEMO_SAM.embedding_size
-        canvases, weights = zip(*CANVASES, strict=True)
-        p = np.array(weights) / sum(weights)
+        variation = scene_variation(wide)
         embs, self.half, self.grid, self.box_grid, self.objects = [], [], [], [], []
         self.by_class: dict[tuple, list[int]] = defaultdict(list)
         bar = tqdm(range(0, n, batch), desc="pool", unit="batch", disable=quiet)
         for start in bar:
             images = []
             for s in range(start, min(n, start + batch)):
-                h, w = canvases[rng.choice(len(canvases), p=p)]
-                scene = generate_scene(rng, h, w)
+                h, w = draw_canvas(rng, variation)
+                scene = generate_scene(rng, h, w, variation=variation)
                 x = sam_resize(scene.image, size)
                 images.append(sam_normalize_pad(x, size))
                 input_size = (x.shape[-2], x.shape[-1])
@@ -129,7 +130,7 @@ def train(args) -> dict:
     loaded = load_sam(model_dir / "sam_demo.pth", "demo")
     sam = loaded.model.float().eval().requires_grad_(False)
     t0 = time.perf_counter()
-    pool = Pool(sam, args.pool, rng, quiet=args.quiet)
+    pool = Pool(sam, args.pool, rng, quiet=args.quiet, wide=args.wide)
     held = Pool(sam, args.held_out, np.random.default_rng(args.seed + 1), quiet=True)
     t_pool = time.perf_counter() - t0
     probe = sam.state_dict()[PROBE_KEY]
@@ -197,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
+                   help="training scenes from the wide distribution (held-out ones keep the spec)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

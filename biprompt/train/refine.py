@@ -33,7 +33,14 @@ import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anythi
 from biprompt.clicks import next_click
 from biprompt.models.decoding import decode_pairs
 from biprompt.models.sam import build_sam
-from biprompt.train.demo import DEMO_BEIT3, DEMO_SAM, lr_at, make_batch, mask_losses
+from biprompt.train.demo import (
+    DEMO_BEIT3,
+    DEMO_SAM,
+    lr_at,
+    make_batch,
+    mask_losses,
+    scene_variation,
+)
 
 
 def trainable(sam) -> list[torch.nn.Parameter]:
@@ -89,7 +96,7 @@ def all_decoding(sam) -> list[torch.nn.Parameter]:
 
 
 def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: int, lr: float,
-          warmup: int, full: bool = False, log=print) -> None:
+          warmup: int, full: bool = False, wide: bool = True, log=print) -> None:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = all_decoding(sam) if full else trainable(sam)
@@ -99,7 +106,8 @@ def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        b = make_batch(rng, images, prompts, size, DEMO_BEIT3.img_size)
+        b = make_batch(rng, images, prompts, size, DEMO_BEIT3.img_size,
+                       variation=scene_variation(wide))
         gt_half = (F.avg_pool2d(b.gt, 2) > 0.5)[:, 0].numpy()
         with torch.no_grad():
             emb = sam.image_encoder(b.images).repeat_interleave(prompts, 0)
@@ -174,6 +182,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--full", action="store_true", help="train the whole prompt encoder and mask "
                    "decoder, with the first click's loss (first clicks change)")
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
+                   help="scenes from the wide distribution (shapes_ref.WIDE, free canvases)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +198,7 @@ def main(argv=None) -> dict:
             fh.write(line + "\n")
         train(sam.train(), args.steps, seed=args.seed, images=args.images, prompts=args.prompts,
               max_clicks=args.max_clicks, lr=args.lr, warmup=args.warmup, full=args.full,
-              log=log)
+              wide=args.wide, log=log)
     sam.eval()
     if not args.full and not torch.equal(first_click_logits(sam), before):
         raise AssertionError("stage 3 changed a first click's output: a frozen weight moved")
