@@ -19,8 +19,8 @@ def test_point_batches_target_an_object_under_the_point(monkeypatch):
     drawn = []
     real = demo.generate_scene
 
-    def spy(rng, h, w):
-        drawn.append(real(rng, h, w))
+    def spy(rng, h, w, **kw):
+        drawn.append(real(rng, h, w, **kw))
         return drawn[-1]
 
     monkeypatch.setattr(demo, "generate_scene", spy)
@@ -40,7 +40,7 @@ def test_text_batches_target_the_object_the_expression_names(monkeypatch):
     drawn = []
     real = demo.generate_scene
     monkeypatch.setattr(demo, "generate_scene",
-                        lambda rng, h, w: drawn.append(real(rng, h, w)) or drawn[-1])
+                        lambda rng, h, w, **kw: drawn.append(real(rng, h, w, **kw)) or drawn[-1])
     b = demo.make_batch(np.random.default_rng(1), 4, 3, 256, 128, text_targets=True)
     for i, text in enumerate(b.texts):
         scene = drawn[i // 3]
@@ -49,6 +49,30 @@ def test_text_batches_target_the_object_the_expression_names(monkeypatch):
         h, w = scene.size
         if (h, w) == (256, 256):
             assert np.array_equal(gt, scene.objects[target].mask)
+
+
+def test_wide_batches_draw_other_canvases_and_keep_points_on_their_targets(monkeypatch):
+    """make train-demo's scenes (shapes_ref.WIDE): the listed canvases and free ones; the loss
+    target still lies under its point, in the padded model frame."""
+    drawn = []
+    real = demo.generate_scene
+
+    def spy(rng, h, w, **kw):
+        assert kw["variation"] is demo.WIDE
+        drawn.append(real(rng, h, w, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(demo, "generate_scene", spy)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        b = demo.make_batch(rng, 8, 2, 256, 128, variation=demo.WIDE)
+        for i in range(16):
+            x, y = (int(v) for v in b.coords[i, 0])
+            assert b.gt[i, 0, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max() == 1.0
+    listed = {c for c, _ in demo.CANVASES}
+    free = [d.size for d in drawn if d.size not in listed]
+    lo, hi = demo.FREE_SIDES
+    assert free and all(lo <= h <= hi and lo <= w <= hi for h, w in free)
 
 
 def test_min_over_candidates_loss_prefers_the_matching_candidate():
