@@ -287,8 +287,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=40)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on the wide distribution (shapes_ref.WIDE, free canvases)")
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on the wide distribution (shapes_ref.WIDE, free canvases); "
+                   "measured worse for the demo model's size, see the README")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

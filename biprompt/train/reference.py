@@ -198,7 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=False,
                    help="training scenes from the wide distribution (held-out ones keep the spec)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)

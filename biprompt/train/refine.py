@@ -96,7 +96,7 @@ def all_decoding(sam) -> list[torch.nn.Parameter]:
 
 
 def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: int, lr: float,
-          warmup: int, full: bool = False, wide: bool = True, log=print) -> None:
+          warmup: int, full: bool = False, wide: bool = False, log=print) -> None:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = all_decoding(sam) if full else trainable(sam)
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--full", action="store_true", help="train the whole prompt encoder and mask "
                    "decoder, with the first click's loss (first clicks change)")
-    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=False,
                    help="scenes from the wide distribution (shapes_ref.WIDE, free canvases)")
     args = p.parse_args(argv)
     if args.threads:
