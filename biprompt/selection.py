@@ -73,6 +73,8 @@ def combine(ious: Mapping[str, np.ndarray], voters: list[str], rule: str = DEFAU
     """(K,) votes of the candidates from the voting experts' IoUs, by `rule`."""
     if rule == "mean" or len(voters) == 1:
         w = np.array([float((weights or {}).get(n, 1.0)) for n in voters])
+        if w.sum() <= 0:  # only zero-weight experts voted (weights {text: 0}, a text-only
+            w = np.ones_like(w)  # request): they are all there is, so they count equally
         return np.tensordot(w / w.sum(), np.array([ious[n] for n in voters]), axes=1)
     if rule == "confident":
         # max over candidates per expert; ties go to the first voter (experts keep their order)

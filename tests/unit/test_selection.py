@@ -141,3 +141,16 @@ def test_the_mean_weighs_each_expert():
     heavy = select(CANDS, SCORES, experts, weights={"text": 3.0})
     votes = (3 * ious["text"] + ious["reference"]) / 4
     assert heavy.selected == 2 and heavy.agreement == pytest.approx(votes[2])
+
+
+def test_an_expert_weighted_zero_still_decides_when_it_votes_alone():
+    """weights {text: 0} lets the reference outvote the text; a request with only a text mask is
+    still decided by it (no NaN votes, no silent pick of candidate 0)."""
+    text = masks_from_boxes([(0, 20, 0, 19)])[0]
+    sel = select(CANDS, SCORES, {"text": text}, weights={"text": 0.0, "reference": 1.0})
+    assert sel.selected == 2 and np.isfinite(sel.agreement)
+    assert sel.agreement == pytest.approx(mask_ious(CANDS, text)[2])
+    reference = masks_from_boxes([(5, 15, 5, 15)])[0]
+    both = select(CANDS, SCORES, {"text": text, "reference": reference},
+                  weights={"text": 0.0, "reference": 1.0})
+    assert both.selected == 1
