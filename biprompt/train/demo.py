@@ -231,19 +231,31 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
                        sam_spec=DEMO_SAM, beit3_spec=beit)
     evf = EvfSam(config, with_image_encoder=True)
     evf.visual_model.load_state_dict(sam.state_dict())
+    train_text(evf, tok, rng, steps=args.evf_steps, lr=args.evf_lr, warmup=args.warmup,
+               images=args.evf_images, prompts=args.prompts, wide=args.wide, log_path=log_path,
+               log_every=args.log_every, quiet=args.quiet)
+    return evf.eval(), tok
+
+
+def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, steps: int, lr: float,
+               warmup: int, images: int, prompts: int, wide: bool, log_path: Path,
+               log_every: int = 25, quiet: bool = False, stage: str = "evf") -> EvfSam:
+    """Train every part of `evf` but its (frozen) image encoder on (scene, expression) -> mask:
+    `steps` of `images` fresh scenes with `prompts` expressions each, cosine from `lr`."""
     encoder = evf.visual_model.image_encoder.eval().requires_grad_(False)
     params = [p for n, p in evf.named_parameters() if not n.startswith("visual_model.image_encoder")]
-    opt = torch.optim.AdamW(params, lr=args.evf_lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     evf.train()
     encoder.eval()
-    log = LossLog(log_path, "evf")
-    size, k = DEMO_SAM.img_size, args.prompts
-    bar = tqdm(range(args.evf_steps), desc="EVF", unit="step", disable=args.quiet)
+    log = LossLog(log_path, stage)
+    size, k = DEMO_SAM.img_size, prompts
+    beit_size = evf.config.beit3_spec.img_size
+    bar = tqdm(range(steps), desc=stage.upper(), unit="step", disable=quiet)
     for step in bar:
-        lr = lr_at(step, args.evf_steps, args.evf_lr, args.warmup)
-        _set_lr(opt, lr)
-        b = make_batch(rng, args.evf_images, k, size, beit.img_size, text_targets=True,
-                       variation=scene_variation(args.wide))
+        step_lr = lr_at(step, steps, lr, warmup)
+        _set_lr(opt, step_lr)
+        b = make_batch(rng, images, k, size, beit_size, text_targets=True,
+                       variation=scene_variation(wide))
         with torch.no_grad():
             emb = encoder(b.images).repeat_interleave(k, 0)
         ids, padding = tok(b.texts)
@@ -256,10 +268,10 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         log.add(loss=loss.item(), iou=iou.mean().item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.evf_steps:
-            row = log.flush(step + 1, lr)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            row = log.flush(step + 1, step_lr)
             bar.set_postfix(loss=row["loss"], iou=row["iou"])
-    return evf.eval(), tok
+    return evf.eval()
 
 
 def save_demo(sam: torch.nn.Module, evf: EvfSam, tok: TextTokenizer, out: Path) -> dict:

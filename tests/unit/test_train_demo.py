@@ -154,3 +154,42 @@ def test_reference_stage_trains_on_the_frozen_sam_and_writes_its_layout(tmp_path
     mask[50:100, 50:100] = True
     res = pipe.segment(img, [[70, 70]], reference=pipe.encode_reference(img, mask=mask))
     assert "reference" in res.expert_masks
+
+
+def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
+    """biprompt.train.text on a copy of the bundled model: a few steps change EVF-SAM's decoding
+    weights and nothing else (its image encoder is the SAM's, the SAM file is untouched), and the
+    checkpoint it writes back loads through the profile as before. A foreign SAM is refused."""
+    import shutil
+
+    from biprompt.models.evf_loading import read_hf_weights
+    from biprompt.train import text
+
+    shutil.copytree("models/demo", tmp_path, dirs_exist_ok=True)
+    before_sam = (tmp_path / "sam_demo.pth").read_bytes()
+    before = read_hf_weights(tmp_path / "evf_demo")
+    summary = text.main(["--model", str(tmp_path), "--steps", "3", "--images", "2",
+                         "--prompts", "2", "--warmup", "1", "--log-every", "1", "--quiet",
+                         "--threads", "1"])
+    assert (tmp_path / "sam_demo.pth").read_bytes() == before_sam
+    after = read_hf_weights(tmp_path / "evf_demo")
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith(text.ENCODER) for k in changed)
+    assert any(k.startswith("mm_extractor.") for k in changed)
+    assert summary["evf_bytes"] < 7 * 2**20
+    rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    # appended to the bundled model's log (which holds the shipped passes' rows)
+    assert [(r["stage"], r["step"]) for r in rows[-3:]] == [("text", 1), ("text", 2), ("text", 3)]
+    assert len(json.loads((tmp_path / "text_summary.json").read_text())) == 3
+    profile = {"name": "t", "sam": {"checkpoint": str(tmp_path / "sam_demo.pth"), "variant": "demo"},
+               "text_model": {"checkpoint": str(tmp_path / "evf_demo")}}
+    pipe = BiPromptPipeline.from_profile(profile)
+    res = pipe.segment(np.full((240, 320, 3), 120, np.uint8), [[100, 100]],
+                       text="the small red circle")
+    assert "text" in res.expert_masks
+
+    other = build_sam(SAM_VARIANTS["demo"]).state_dict()
+    torch.save({k: v.half() for k, v in other.items()}, tmp_path / "sam_demo.pth")
+    with pytest.raises(SystemExit, match="not trained on this SAM"):
+        text.main(["--model", str(tmp_path), "--steps", "1", "--quiet"])
