@@ -25,6 +25,21 @@ def decode_pairs(
     image_embeddings: BxCxhxw; image_pe: 1xCxhxw; sparse: BxNxC; dense: BxCxhxw.
     Returns low-res mask logits Bx{3|1}x4hx4w and predicted IoUs Bx{3|1}.
     """
+    masks, iou_pred = decode_all(decoder, image_embeddings, image_pe, sparse, dense)
+    sl = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, sl], iou_pred[:, sl]
+
+
+def decode_all(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_pairs` with every output token's mask: Bx4x4hx4w logits and Bx4 IoUs, the single
+    mask first, then the three candidates. SAM's decoder computes all four in one pass whichever
+    it returns, so a caller that needs both outputs (training) decodes once."""
     b = sparse.shape[0]
     if image_embeddings.shape[0] != b:
         raise ValueError(f"{image_embeddings.shape[0]} embeddings for {b} prompts")
@@ -43,9 +58,7 @@ def decode_pairs(
     )
     _, uc, uh, uw = upscaled.shape
     masks = (hyper_in @ upscaled.view(b, uc, uh * uw)).view(b, -1, uh, uw)
-    iou_pred = decoder.iou_prediction_head(iou_token_out)
-    sl = slice(1, None) if multimask_output else slice(0, 1)
-    return masks[:, sl], iou_pred[:, sl]
+    return masks, decoder.iou_prediction_head(iou_token_out)
 
 
 def upscale_logits(

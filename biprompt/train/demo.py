@@ -24,99 +24,26 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anything)
-from biprompt.data.shapes_ref import COLOURS, SHAPES, WIDE, Scene, Variation, generate_scene
+from biprompt.data.shapes_ref import COLOURS, SHAPES
 from biprompt.models.beit3 import Beit3Spec
 from biprompt.models.decoding import decode_pairs
 from biprompt.models.evf import EvfConfig, EvfSam
 from biprompt.models.evf_loading import save_evf
 from biprompt.models.sam import SAM_VARIANTS, build_sam
-from biprompt.preprocess import beit3_input, sam_normalize_pad, sam_resize, transform_coords
 from biprompt.text import TextTokenizer
+from biprompt.train.batches import TextPool, make_batch, scene_variation
 
 DEMO_SAM = SAM_VARIANTS["demo"]
 DEMO_BEIT3 = Beit3Spec(embed_dim=128, layers=4, heads=4, ffn_dim=512, img_size=128,
                        patch_size=16, vocab_size=0, max_source_positions=66)
-# (height, width) of training canvases and how often each is drawn
-CANVASES = (((256, 256), 0.6), ((240, 320), 0.2), ((320, 240), 0.1), ((224, 288), 0.1))
-# With the wide distribution, this share of canvases has sides drawn uniformly in FREE_SIDES
-FREE_CANVAS_P, FREE_SIDES = 0.3, (192, 336)
-
-
-def draw_canvas(rng: np.random.Generator, variation: Variation | None) -> tuple[int, int]:
-    """(height, width) of one training scene: the listed canvases, and with a variation also
-    free ones, so the model meets other sizes and aspect ratios than those it is scored on."""
-    if variation is not None and rng.random() < FREE_CANVAS_P:
-        lo, hi = FREE_SIDES
-        return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    canvases, weights = zip(*CANVASES, strict=True)
-    return canvases[rng.choice(len(canvases), p=np.array(weights) / sum(weights))]
-
-
-def scene_variation(wide: bool) -> Variation | None:
-    return WIDE if wide else None
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # Bx3xSxS, SAM-normalised and padded
-    beit: torch.Tensor  # Bx3xsxs, BEiT-3's view
-    coords: torch.Tensor  # BKx1x2, model frame
-    gt: torch.Tensor  # BKx1xSxS float, the loss target in the padded model frame
-    texts: list[str]  # BK expressions of the drawn targets (stage 2)
-
-
-def _gt_frame(mask: np.ndarray, input_size: tuple[int, int], size: int) -> torch.Tensor:
-    """A full-size bool mask -> SxS float in the padded model frame (as the image was resized)."""
-    h, w = input_size
-    if mask.shape != (h, w):
-        img = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR)
-        mask = np.asarray(img) >= 128
-    out = torch.zeros(size, size)
-    out[:h, :w] = torch.from_numpy(mask.astype(np.float32))
-    return out
-
-
-def make_batch(rng: np.random.Generator, n_images: int, prompts: int, size: int,
-               beit_size: int, text_targets: bool = False,
-               variation: Variation | None = None) -> Batch:
-    """`prompts` per scene. Stage 1 (points): a point uniform on a random object; the loss target
-    is sampled among the objects under it. Stage 2 (text): the target is the object itself.
-    `variation` draws scenes (and canvases) from a wider distribution than the spec's."""
-    images, beit, coords, gts, texts = [], [], [], [], []
-    for _ in range(n_images):
-        h, w = draw_canvas(rng, variation)
-        scene: Scene = generate_scene(rng, h, w, variation=variation)
-        x = sam_resize(scene.image, size)
-        input_size = (x.shape[-2], x.shape[-1])
-        images.append(sam_normalize_pad(x, size))
-        beit.append(beit3_input(scene.image, beit_size))
-        for _ in range(prompts):
-            t = int(rng.integers(len(scene.objects)))
-            obj = scene.objects[t]
-            ys, xs = np.nonzero(obj.mask)
-            j = int(rng.integers(len(ys)))
-            row, col = int(ys[j]), int(xs[j])
-            if not text_targets:
-                under = [i for i, o in enumerate(scene.objects) if o.mask[row, col]]
-                t = int(under[rng.integers(len(under))])
-            coords.append(transform_coords(np.array([[col, row]], dtype=np.float64), (h, w), size))
-            gts.append(_gt_frame(scene.objects[t].mask, input_size, size))
-            texts.append(scene.expressions[t])
-    return Batch(torch.cat(images), torch.cat(beit),
-                 torch.as_tensor(np.stack(coords), dtype=torch.float32),
-                 torch.stack(gts)[:, None], texts)
-
-
 def mask_losses(logits: torch.Tensor, gt: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits BxKxhxw (low-res), gt Bx1xSxS -> (BCE + Dice per candidate BxK, IoU per candidate).
 
@@ -240,29 +167,36 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
 
 def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, steps: int, lr: float,
                warmup: int, images: int, prompts: int, wide: bool, log_path: Path,
-               log_every: int = 25, quiet: bool = False, stage: str = "evf") -> EvfSam:
+               log_every: int = 25, quiet: bool = False, stage: str = "evf",
+               pool: int = 0) -> EvfSam:
     """Train every part of `evf` but its (frozen) image encoder on (scene, expression) -> mask:
-    `steps` of `images` fresh scenes with `prompts` expressions each, cosine from `lr`."""
+    `steps` of `images` scenes with `prompts` expressions each, cosine from `lr`. The scenes are
+    fresh every step, or with `pool` drawn from that many encoded once (batches.TextPool; the
+    expressions are still drawn afresh)."""
     encoder = evf.visual_model.image_encoder.eval().requires_grad_(False)
     params = [p for n, p in evf.named_parameters() if not n.startswith("visual_model.image_encoder")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    size, beit_size, variation = DEMO_SAM.img_size, evf.config.beit3_spec.img_size, scene_variation(wide)
+    scenes = TextPool(encoder, pool, rng, size, beit_size, variation, quiet=quiet) if pool else None
     evf.train()
     encoder.eval()
     log = LossLog(log_path, stage)
-    size, k = DEMO_SAM.img_size, prompts
-    beit_size = evf.config.beit3_spec.img_size
     bar = tqdm(range(steps), desc=stage.upper(), unit="step", disable=quiet)
     for step in bar:
         step_lr = lr_at(step, steps, lr, warmup)
         _set_lr(opt, step_lr)
-        b = make_batch(rng, images, k, size, beit_size, text_targets=True,
-                       variation=scene_variation(wide))
-        with torch.no_grad():
-            emb = encoder(b.images).repeat_interleave(k, 0)
-        ids, padding = tok(b.texts)
-        prompt = evf.text_prompt(b.beit.repeat_interleave(k, 0), ids, padding)
-        logits = evf.decode(emb, prompt)
-        per, iou = mask_losses(logits, b.gt, size)
+        if scenes is not None:
+            emb, beit, texts, target = scenes.batch(rng, images, prompts)
+        else:
+            b = make_batch(rng, images, prompts, size, beit_size, text_targets=True,
+                           variation=variation)
+            with torch.no_grad():
+                emb = encoder(b.images).repeat_interleave(prompts, 0)
+            beit, texts = b.beit.repeat_interleave(prompts, 0), b.texts
+            target = F.avg_pool2d(b.gt, 2)  # as mask_losses does
+        ids, padding = tok(texts)
+        logits = evf.decode(emb, evf.text_prompt(beit, ids, padding))
+        per, iou = half_res_losses(logits, target)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -32,16 +32,8 @@ from biprompt.factory import PROBE_KEY, load_sam
 from biprompt.models.decoding import decode_pairs
 from biprompt.models.vrp import VrpConfig, VrpEncoder, grid_mask, probe_digest, save_vrp
 from biprompt.preprocess import sam_normalize_pad, sam_resize
-from biprompt.train.demo import (
-    DEMO_SAM,
-    LossLog,
-    _gt_frame,
-    _set_lr,
-    draw_canvas,
-    half_res_losses,
-    lr_at,
-    scene_variation,
-)
+from biprompt.train.batches import _gt_frame, draw_canvas, scene_variation
+from biprompt.train.demo import DEMO_SAM, LossLog, _set_lr, half_res_losses, lr_at
 
 BOX_ANNOTATION_P = 0.2
 

@@ -31,16 +31,10 @@ import torch.nn.functional as F
 
 import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anything)
 from biprompt.clicks import next_click
-from biprompt.models.decoding import decode_pairs
+from biprompt.models.decoding import decode_all, decode_pairs
 from biprompt.models.sam import build_sam
-from biprompt.train.demo import (
-    DEMO_BEIT3,
-    DEMO_SAM,
-    lr_at,
-    make_batch,
-    mask_losses,
-    scene_variation,
-)
+from biprompt.train.batches import make_batch, scene_variation
+from biprompt.train.demo import DEMO_BEIT3, DEMO_SAM, lr_at, mask_losses
 
 
 def trainable(sam) -> list[torch.nn.Parameter]:
@@ -130,8 +124,9 @@ def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: 
             coords = torch.cat([coords, torch.from_numpy(xy)[:, None]], 1)
             labels = torch.cat([labels, torch.from_numpy(lab)[:, None].int()], 1)
             sparse, dense = pe(points=(coords, labels), boxes=None, masks=prev)
-            one, one_iou = decode_pairs(dec, emb, image_pe, sparse, dense, False)
-            three, three_iou = decode_pairs(dec, emb, image_pe, sparse, dense, True)
+            # one pass gives both outputs (the single mask is token 0, the candidates 1-3)
+            masks, ious = decode_all(dec, emb, image_pe, sparse, dense)
+            one, one_iou, three, three_iou = masks[:, :1], ious[:, :1], masks[:, 1:], ious[:, 1:]
             l1, iou1 = mask_losses(one, b.gt, size)
             l3, iou3 = mask_losses(three, b.gt, size)
             loss = (l1.mean() + l3.min(1).values.mean() + F.mse_loss(one_iou, iou1)

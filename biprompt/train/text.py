@@ -6,8 +6,9 @@ Stage 2 (biprompt/train/demo.py) stops while the text expert is still improving 
 training IoU climbs from 0.37 to 0.52 over its last 500 steps. A pass of this stage reads the
 saved EVF-SAM checkpoint, checks that its image encoder is the demo SAM's (whose cached
 embeddings it is served with; the refinement stage never touches the encoder), trains everything
-else on fresh seeded scenes with its own warm-up and cosine schedule, and writes it back in the
-same layout. Nothing else in the model changes.
+else on fresh seeded scenes (or, with --pool, on a seeded pool of scenes encoded once:
+biprompt.train.batches.TextPool) with its own warm-up and cosine schedule, and writes it back in
+the same layout. Nothing else in the model changes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=False,
                    help="scenes from shapes_ref.WIDE (as the other stages' --wide)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="draw the scenes from a pool of this many, encoded once "
+                   "(biprompt.train.batches.TextPool); 0: fresh scenes every step")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -80,7 +84,7 @@ def main(argv=None) -> dict:
     train_text(evf, tok, rng, steps=args.steps, lr=args.lr, warmup=args.warmup,
                images=args.images, prompts=args.prompts, wide=args.wide,
                log_path=root / "train_log.jsonl", log_every=args.log_every, quiet=args.quiet,
-               stage="text")
+               stage="text", pool=args.pool)
     minutes = (time.perf_counter() - t0) / 60
     save_evf(evf, evf_dir, dtype=torch.float16)
     summary = {"text_minutes": round(minutes, 2),

@@ -133,3 +133,41 @@ def test_the_clicks_protocol_reports_every_method_and_the_oracle_bounds_the_firs
         assert len(r["all"]["miou_per_click"]) == 5
         assert 1 <= r["all"]["noc@90"] <= 5 and 0 <= r["all"]["never@90"] <= 1
     assert ORACLE in format_table(result)
+
+
+def test_one_decoder_pass_gives_both_outputs_with_the_gradients_of_two():
+    """The refinement stage decodes each click once (decode_all) for the single mask and the
+    three candidates: the same values as decode_pairs' two calls, bit for bit (the same code
+    path), and the same gradients up to float32 summation order (stated tolerance 1e-5)."""
+    import torch
+
+    from biprompt.models.decoding import decode_all, decode_pairs
+    from biprompt.models.sam import SAM_VARIANTS, build_sam
+
+    torch.manual_seed(0)
+    sam = build_sam(SAM_VARIANTS["demo"])
+    pe, dec = sam.prompt_encoder, sam.mask_decoder
+    emb = torch.randn(3, 64, 16, 16)  # the demo SAM's prompt_dim x its 16x16 grid
+    coords = torch.rand(3, 2, 2) * 256
+    labels = torch.tensor([[1, 0], [1, 1], [1, 0]])
+
+    def grads(two_passes: bool):
+        dec.zero_grad(set_to_none=True)
+        sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+        if two_passes:
+            one, one_iou = decode_pairs(dec, emb, pe.get_dense_pe(), sparse, dense, False)
+            three, three_iou = decode_pairs(dec, emb, pe.get_dense_pe(), sparse, dense, True)
+        else:
+            masks, ious = decode_all(dec, emb, pe.get_dense_pe(), sparse, dense)
+            one, one_iou, three, three_iou = masks[:, :1], ious[:, :1], masks[:, 1:], ious[:, 1:]
+        loss = one.sigmoid().mean() + three.amax(1).mean() + one_iou.sum() + three_iou.pow(2).sum()
+        loss.backward()
+        return (one.detach(), three.detach()), {n: p.grad.clone() for n, p in dec.named_parameters()
+                                                if p.grad is not None}
+
+    (one2, three2), g2 = grads(True)
+    (one1, three1), g1 = grads(False)
+    assert torch.equal(one1, one2) and torch.equal(three1, three2)
+    assert set(g1) == set(g2) and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-6, msg=name)

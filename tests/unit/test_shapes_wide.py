@@ -16,7 +16,7 @@ from biprompt.data.shapes_ref import (
     shape_mask,
     varied_shape_mask,
 )
-from biprompt.train.demo import FREE_SIDES, draw_canvas
+from biprompt.train.batches import FREE_SIDES, draw_canvas
 
 
 @pytest.fixture(scope="module")

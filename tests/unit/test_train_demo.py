@@ -12,19 +12,19 @@ import torch
 from biprompt.data.shapes_ref import resolve
 from biprompt.models.sam import SAM_VARIANTS, build_sam
 from biprompt.pipeline import BiPromptPipeline
-from biprompt.train import demo
+from biprompt.train import batches, demo
 
 
 def test_point_batches_target_an_object_under_the_point(monkeypatch):
     drawn = []
-    real = demo.generate_scene
+    real = batches.generate_scene
 
     def spy(rng, h, w, **kw):
         drawn.append(real(rng, h, w, **kw))
         return drawn[-1]
 
-    monkeypatch.setattr(demo, "generate_scene", spy)
-    b = demo.make_batch(np.random.default_rng(0), 6, 5, 256, 128)
+    monkeypatch.setattr(batches, "generate_scene", spy)
+    b = batches.make_batch(np.random.default_rng(0), 6, 5, 256, 128)
     assert b.images.shape == (6, 3, 256, 256) and b.gt.shape == (30, 1, 256, 256)
     assert b.beit.shape == (6, 3, 128, 128)
     for i in range(30):
@@ -38,10 +38,10 @@ def test_point_batches_target_an_object_under_the_point(monkeypatch):
 
 def test_text_batches_target_the_object_the_expression_names(monkeypatch):
     drawn = []
-    real = demo.generate_scene
-    monkeypatch.setattr(demo, "generate_scene",
+    real = batches.generate_scene
+    monkeypatch.setattr(batches, "generate_scene",
                         lambda rng, h, w, **kw: drawn.append(real(rng, h, w, **kw)) or drawn[-1])
-    b = demo.make_batch(np.random.default_rng(1), 4, 3, 256, 128, text_targets=True)
+    b = batches.make_batch(np.random.default_rng(1), 4, 3, 256, 128, text_targets=True)
     for i, text in enumerate(b.texts):
         scene = drawn[i // 3]
         (target,) = resolve(scene, text)
@@ -55,23 +55,23 @@ def test_wide_batches_draw_other_canvases_and_keep_points_on_their_targets(monke
     """make train-demo's scenes (shapes_ref.WIDE): the listed canvases and free ones; the loss
     target still lies under its point, in the padded model frame."""
     drawn = []
-    real = demo.generate_scene
+    real = batches.generate_scene
 
     def spy(rng, h, w, **kw):
-        assert kw["variation"] is demo.WIDE
+        assert kw["variation"] is batches.WIDE
         drawn.append(real(rng, h, w, **kw))
         return drawn[-1]
 
-    monkeypatch.setattr(demo, "generate_scene", spy)
+    monkeypatch.setattr(batches, "generate_scene", spy)
     rng = np.random.default_rng(3)
     for _ in range(4):
-        b = demo.make_batch(rng, 8, 2, 256, 128, variation=demo.WIDE)
+        b = batches.make_batch(rng, 8, 2, 256, 128, variation=batches.WIDE)
         for i in range(16):
             x, y = (int(v) for v in b.coords[i, 0])
             assert b.gt[i, 0, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max() == 1.0
-    listed = {c for c, _ in demo.CANVASES}
+    listed = {c for c, _ in batches.CANVASES}
     free = [d.size for d in drawn if d.size not in listed]
-    lo, hi = demo.FREE_SIDES
+    lo, hi = batches.FREE_SIDES
     assert free and all(lo <= h <= hi and lo <= w <= hi for h, w in free)
 
 
@@ -170,7 +170,7 @@ def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
     before = read_hf_weights(tmp_path / "evf_demo")
     summary = text.main(["--model", str(tmp_path), "--steps", "3", "--images", "2",
                          "--prompts", "2", "--warmup", "1", "--log-every", "1", "--quiet",
-                         "--threads", "1"])
+                         "--threads", "1", "--pool", "3"])
     assert (tmp_path / "sam_demo.pth").read_bytes() == before_sam
     after = read_hf_weights(tmp_path / "evf_demo")
     assert set(after) == set(before)
@@ -192,4 +192,40 @@ def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
     other = build_sam(SAM_VARIANTS["demo"]).state_dict()
     torch.save({k: v.half() for k, v in other.items()}, tmp_path / "sam_demo.pth")
     with pytest.raises(SystemExit, match="not trained on this SAM"):
-        text.main(["--model", str(tmp_path), "--steps", "1", "--quiet"])
+        text.main(["--model", str(tmp_path), "--steps", "1", "--pool", "1", "--quiet"])
+
+
+def test_text_pool_batches_pair_each_expression_with_its_objects_target(monkeypatch):
+    """batches.TextPool: scenes drawn and encoded once; a batch pairs each expression with the
+    scene it was drawn from, and its target is exactly the soft half-size target a fresh batch's
+    loss sees (mask_losses area-averages the full-size mask)."""
+    import torch.nn.functional as F
+
+    from biprompt.preprocess import beit3_input, sam_resize
+
+    drawn = []
+    real = batches.generate_scene
+    monkeypatch.setattr(batches, "generate_scene",
+                        lambda rng, h, w, **kw: drawn.append(real(rng, h, w, **kw)) or drawn[-1])
+    encoded = [0]
+
+    def encoder(x):  # stands in for the frozen image encoder: each scene's row holds its index
+        out = torch.arange(encoded[0], encoded[0] + len(x), dtype=torch.float32).view(-1, 1, 1, 1)
+        encoded[0] += len(x)
+        return out
+
+    pool = batches.TextPool(encoder, 10, np.random.default_rng(2), 256, 128, batch=4)
+    assert len(pool) == len(drawn) == encoded[0] == 10
+    emb, beit, texts, target = pool.batch(np.random.default_rng(3), 6, 3)
+    assert emb.shape[0] == beit.shape[0] == len(texts) == 18 and target.shape == (18, 1, 128, 128)
+    assert len({int(v) for v in emb[:, 0, 0, 0]}) > 1
+    for i, text in enumerate(texts):
+        scene = drawn[int(emb[i, 0, 0, 0])]
+        (t,) = resolve(scene, text)
+        x = sam_resize(scene.image, 256)
+        full = batches._gt_frame(scene.objects[t].mask, (x.shape[-2], x.shape[-1]), 256)
+        assert torch.equal(target[i, 0], F.avg_pool2d(full[None, None], 2)[0, 0])
+        assert torch.equal(beit[i], beit3_input(scene.image, 128)[0])
+    with pytest.raises(ValueError, match="at least one scene"):
+        batches.TextPool(encoder, 0, np.random.default_rng(0), 256, 128)
+
