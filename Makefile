@@ -43,9 +43,10 @@ demo: $(STAMP)
 	$(PY) -m serving.demo $(if $(SERVE),--serve) $(DEMO_ARGS)
 
 # Retrains the bundled ShapesRef demo model into DEMO_OUT (seeded): SAM then EVF-SAM
-# (biprompt/train/demo.py), two more passes over the text expert (biprompt/train/text.py), SAM's
-# refinement-click stage (biprompt/train/refine.py), then the reference-image expert on the final
-# SAM (biprompt/train/reference.py). WIDE=1 draws every stage's scenes from the wider
+# (biprompt/train/demo.py), three more passes over the text expert (biprompt/train/text.py; the
+# third on a pool of scenes encoded once), SAM's refinement-click stage
+# (biprompt/train/refine.py), then the reference-image expert on the final SAM
+# (biprompt/train/reference.py). WIDE=1 draws every stage's scenes from the wider
 # distribution (shapes_ref.WIDE) with shorter later stages and no text passes: 59.6 min here, but
 # a worse model at this size (README, "The demo model").
 DEMO_OUT ?= models/demo
@@ -60,6 +61,7 @@ train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out $(DEMO_OUT)
 	$(PY) -m biprompt.train.text --model $(DEMO_OUT)
 	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --seed 20261203 --lr 1e-4
+	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --seed 20261204 --lr 5e-5 --pool 4000
 	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
 		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
 	$(PY) -m biprompt.train.reference --model $(DEMO_OUT)

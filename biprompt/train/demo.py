@@ -12,7 +12,7 @@ against each candidate's real IoU.
 Stage 2 (EVF-SAM): BEiT-3 reads (image, expression), its CLS token is projected to one SAM prompt
 token, and EVF's copy of SAM's prompt encoder and mask decoder draws the mask from the frozen SAM
 embedding. The visual model starts as a copy of stage 1's SAM (its image encoder stays frozen).
-`make train-demo` then runs two more passes over it (biprompt/train/text.py, `train_text`).
+`make train-demo` then runs three more passes over it (biprompt/train/text.py, `train_text`).
 
 Both stages are seeded; scenes come from `biprompt.data.shapes_ref` at mixed canvas sizes so the
 same checkpoint serves 256x256 and 320x240. Checkpoints are written in the official layouts.

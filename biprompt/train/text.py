@@ -1,6 +1,6 @@
 """More passes over the demo model's text expert (EVF-SAM), on the SAM's frozen embeddings.
 
-    python -m biprompt.train.text --model models/demo          # make train-demo runs two
+    python -m biprompt.train.text --model models/demo          # make train-demo runs three
 
 Stage 2 (biprompt/train/demo.py) stops while the text expert is still improving fast: its
 training IoU climbs from 0.37 to 0.52 over its last 500 steps. A pass of this stage reads the
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     summary = {"text_minutes": round(minutes, 2),
                "evf_bytes": sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file()),
                "args": vars(args)}
-    # one entry per pass (make train-demo runs two): earlier passes' entries are kept
+    # one entry per pass (make train-demo runs three): earlier passes' entries are kept
     path = root / "text_summary.json"
     passes = json.loads(path.read_text()) if path.is_file() else []
     path.write_text(json.dumps([*passes, summary], indent=2))
