@@ -148,17 +148,23 @@ def expression_corpus() -> list[str]:
     return out
 
 
-def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tuple[EvfSam, TextTokenizer]:
-    torch.manual_seed(args.seed + 1)
-    rng = np.random.default_rng(args.seed + 1)
-    corpus = expression_corpus()
-    tok = TextTokenizer.train(corpus * 4, tok_dir, vocab_size=args.vocab_size)
+def new_evf(sam: torch.nn.Module, tok_dir: Path, vocab_size: int) -> tuple[EvfSam, TextTokenizer]:
+    """An untrained demo EVF-SAM on `sam` (its visual model a copy of it) and its tokenizer,
+    trained on the spec's expressions and written to `tok_dir`."""
+    tok = TextTokenizer.train(expression_corpus() * 4, tok_dir, vocab_size=vocab_size)
     beit = Beit3Spec(**{**DEMO_BEIT3.to_dict(), "vocab_size": tok.vocab_size})
     config = EvfConfig(hidden_size=beit.embed_dim, out_dim=DEMO_SAM.prompt_dim,
                        mm_extractor_scale="custom", sam_scale="custom", torch_dtype="float16",
                        sam_spec=DEMO_SAM, beit3_spec=beit)
     evf = EvfSam(config, with_image_encoder=True)
     evf.visual_model.load_state_dict(sam.state_dict())
+    return evf, tok
+
+
+def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tuple[EvfSam, TextTokenizer]:
+    torch.manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    evf, tok = new_evf(sam, tok_dir, args.vocab_size)
     train_text(evf, tok, rng, steps=args.evf_steps, lr=args.evf_lr, warmup=args.warmup,
                images=args.evf_images, prompts=args.prompts, wide=args.wide, log_path=log_path,
                log_every=args.log_every, quiet=args.quiet)
@@ -209,13 +215,16 @@ def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, ste
     return evf.eval()
 
 
-def save_demo(sam: torch.nn.Module, evf: EvfSam, tok: TextTokenizer, out: Path) -> dict:
+def save_demo(sam: torch.nn.Module, evf: EvfSam | None, tok: TextTokenizer | None,
+              out: Path) -> dict:
+    """SAM, and the text expert unless `evf` is None (`--evf-steps 0`: text.py --new trains it)."""
     out.mkdir(parents=True, exist_ok=True)
     sam_path = out / "sam_demo.pth"
     torch.save({k: v.detach().half().contiguous() for k, v in sam.state_dict().items()}, sam_path)
-    evf_dir = save_evf(evf, out / "evf_demo", tokenizer=tok.tokenizer, dtype=torch.float16)
-    sizes = {"sam_bytes": sam_path.stat().st_size,
-             "evf_bytes": sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file())}
+    sizes = {"sam_bytes": sam_path.stat().st_size}
+    if evf is not None:
+        evf_dir = save_evf(evf, out / "evf_demo", tokenizer=tok.tokenizer, dtype=torch.float16)
+        sizes["evf_bytes"] = sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file())
     return sizes
 
 
@@ -224,7 +233,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="models/demo")
     p.add_argument("--seed", type=int, default=20261122)
     p.add_argument("--sam-steps", type=int, default=2800)
-    p.add_argument("--evf-steps", type=int, default=1000)
+    p.add_argument("--evf-steps", type=int, default=1000,
+                   help="stage 2's steps; 0: SAM only (text.py --new trains the text expert)")
     p.add_argument("--images", type=int, default=16, help="scenes per SAM step")
     p.add_argument("--evf-images", type=int, default=16, help="scenes per EVF step")
     p.add_argument("--prompts", type=int, default=4, help="prompts per scene")
@@ -252,7 +262,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sam = train_sam(args, log_path)
     t_sam = time.perf_counter() - t0
-    evf, tok = train_evf(args, sam, out / "evf_demo", log_path)
+    evf, tok = train_evf(args, sam, out / "evf_demo", log_path) if args.evf_steps else (None, None)
     t_all = time.perf_counter() - t0
     sizes = save_demo(sam, evf, tok, out)
     summary = {"sam_minutes": round(t_sam / 60, 2), "total_minutes": round(t_all / 60, 2),

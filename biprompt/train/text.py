@@ -9,6 +9,10 @@ embeddings it is served with; the refinement stage never touches the encoder), t
 else on fresh seeded scenes (or, with --pool, on a seeded pool of scenes encoded once:
 biprompt.train.batches.TextPool) with its own warm-up and cosine schedule, and writes it back in
 the same layout. Nothing else in the model changes.
+
+With --new it starts a text expert from nothing instead (stage 2 of demo.py, after `demo.py
+--evf-steps 0`): a fresh EVF-SAM whose visual model is a copy of the saved SAM, as stage 2 builds
+it. `make train-demo FAST=1` trains it so, in one run on a pool.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anything)
 from biprompt.models.evf import EvfConfig, EvfSam
 from biprompt.models.evf_loading import read_hf_weights, save_evf
+from biprompt.models.sam import build_sam
 from biprompt.text import TextTokenizer
-from biprompt.train.demo import train_text
+from biprompt.train.demo import DEMO_SAM, new_evf, train_text
 
 ENCODER = "visual_model.image_encoder."
 
@@ -65,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=0,
                    help="draw the scenes from a pool of this many, encoded once "
                    "(biprompt.train.batches.TextPool); 0: fresh scenes every step")
+    p.add_argument("--new", action="store_true",
+                   help="start from an untrained text expert on the saved SAM (and a new "
+                   "tokenizer) instead of reading evf_demo")
+    p.add_argument("--vocab-size", type=int, default=40, help="the tokenizer's, with --new")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -75,24 +84,31 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     root = Path(args.model)
     evf_dir = root / "evf_demo"
-    evf = load_trainable_evf(evf_dir)
-    check_same_encoder(evf, root / "sam_demo.pth")
-    tok = TextTokenizer.from_pretrained(evf_dir)
-    torch.manual_seed(args.seed)
+    if args.new:
+        torch.manual_seed(args.seed)  # the new expert's initial weights, then its training
+        sam = build_sam(DEMO_SAM)
+        state = torch.load(root / "sam_demo.pth", map_location="cpu", weights_only=True)
+        sam.load_state_dict({k: v.float() for k, v in state.items()})
+        evf, tok = new_evf(sam, evf_dir, args.vocab_size)
+    else:
+        evf = load_trainable_evf(evf_dir)
+        check_same_encoder(evf, root / "sam_demo.pth")
+        tok = TextTokenizer.from_pretrained(evf_dir)
+        torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     train_text(evf, tok, rng, steps=args.steps, lr=args.lr, warmup=args.warmup,
                images=args.images, prompts=args.prompts, wide=args.wide,
                log_path=root / "train_log.jsonl", log_every=args.log_every, quiet=args.quiet,
-               stage="text", pool=args.pool)
+               stage="evf" if args.new else "text", pool=args.pool)
     minutes = (time.perf_counter() - t0) / 60
-    save_evf(evf, evf_dir, dtype=torch.float16)
+    save_evf(evf, evf_dir, tokenizer=tok.tokenizer if args.new else None, dtype=torch.float16)
     summary = {"text_minutes": round(minutes, 2),
                "evf_bytes": sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file()),
                "args": vars(args)}
     # one entry per pass (make train-demo runs three): earlier passes' entries are kept
     path = root / "text_summary.json"
-    passes = json.loads(path.read_text()) if path.is_file() else []
+    passes = json.loads(path.read_text()) if path.is_file() and not args.new else []
     path.write_text(json.dumps([*passes, summary], indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
     return summary

@@ -198,6 +198,43 @@ def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
         text.main(["--model", str(tmp_path), "--steps", "1", "--pool", "1", "--quiet"])
 
 
+def test_one_hour_recipe_trains_sam_alone_then_a_new_text_expert_on_it(tmp_path):
+    """make train-demo FAST=1's text path: `demo --evf-steps 0` writes only the SAM; `text --new`
+    then builds a text expert on that SAM (its image encoder a copy of the saved one), trains it
+    from its seed and writes the whole layout, tokenizer included; the same seed gives the same
+    weights (same code path), and the summary holds this run alone."""
+    from biprompt.models.evf_loading import read_hf_weights
+    from biprompt.train import text
+
+    out = tmp_path / "demo"
+    summary = demo.main(["--out", str(out), "--sam-steps", "1", "--evf-steps", "0",
+                         "--images", "2", "--prompts", "2", "--quiet"])
+    assert "evf_bytes" not in summary and not (out / "evf_demo").exists()
+    args = ["--model", str(out), "--new", "--seed", "5", "--steps", "2", "--images", "2",
+            "--prompts", "2", "--warmup", "1", "--log-every", "1", "--quiet", "--threads", "1",
+            "--pool", "3"]
+    text.main(args)
+    assert {f.name for f in (out / "evf_demo").iterdir()} >= {
+        "config.json", "model.safetensors", "sentencepiece.bpe.model"}
+    first = read_hf_weights(out / "evf_demo")
+    sam = torch.load(out / "sam_demo.pth", weights_only=True)
+    for name, value in first.items():
+        if name.startswith(text.ENCODER):
+            assert torch.equal(value, sam[name.removeprefix("visual_model.")])
+    text.main(args)
+    again = read_hf_weights(out / "evf_demo")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    passes = json.loads((out / "text_summary.json").read_text())
+    assert len(passes) == 1 and passes[0]["args"]["new"]
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows[-2:]] == ["evf", "evf"]
+    profile = {"name": "t", "sam": {"checkpoint": str(out / "sam_demo.pth"), "variant": "demo"},
+               "text_model": {"checkpoint": str(out / "evf_demo")}}
+    res = BiPromptPipeline.from_profile(profile).segment(
+        np.full((256, 256, 3), 120, np.uint8), [[100, 100]], text="the red circle")
+    assert "text" in res.expert_masks
+
+
 def test_text_pool_batches_pair_each_expression_with_its_objects_target(monkeypatch):
     """batches.TextPool: scenes drawn and encoded once; a batch pairs each expression with the
     scene it was drawn from, and its target is exactly the soft half-size target a fresh batch's
