@@ -48,9 +48,19 @@ demo: $(STAMP)
 # (biprompt/train/refine.py), then the reference-image expert on the final SAM
 # (biprompt/train/reference.py). WIDE=1 draws every stage's scenes from the wider
 # distribution (shapes_ref.WIDE) with shorter later stages and no text passes: 59.6 min here, but
-# a worse model at this size (README, "The demo model").
+# a worse model at this size (README, "The demo model"). FAST=1 is the one-hour recipe: the same
+# SAM and refinement stages, then one text-expert run on a pool (no extra passes) and a shorter
+# reference stage: under an hour here, for a less accurate model (README, "The demo model").
 DEMO_OUT ?= models/demo
-ifeq ($(WIDE),1)
+ifeq ($(FAST),1)
+train-demo: $(STAMP)
+	$(PY) -m biprompt.train.demo --out $(DEMO_OUT) --evf-steps 0
+	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
+		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
+	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --new --seed 20261123 --steps 1800 \
+		--pool 8000 --lr 5e-4 --warmup 150
+	$(PY) -m biprompt.train.reference --model $(DEMO_OUT) --steps 2000
+else ifeq ($(WIDE),1)
 train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out $(DEMO_OUT) --evf-steps 1400 --wide
 	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 400 --images 6 \

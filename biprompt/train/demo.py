@@ -13,6 +13,8 @@ Stage 2 (EVF-SAM): BEiT-3 reads (image, expression), its CLS token is projected 
 token, and EVF's copy of SAM's prompt encoder and mask decoder draws the mask from the frozen SAM
 embedding. The visual model starts as a copy of stage 1's SAM (its image encoder stays frozen).
 `make train-demo` then runs three more passes over it (biprompt/train/text.py, `train_text`).
+`make train-demo FAST=1` (the one-hour recipe) skips stage 2 here (--evf-steps 0) and trains the
+text expert once, after the refinement stage, with text.py --new.
 
 Both stages are seeded; scenes come from `biprompt.data.shapes_ref` at mixed canvas sizes so the
 same checkpoint serves 256x256 and 320x240. Checkpoints are written in the official layouts.
