@@ -129,15 +129,24 @@ class TextPool:
     def __len__(self) -> int:
         return len(self.objects)
 
-    def batch(self, rng: np.random.Generator, images: int, prompts: int
+    def batch(self, rng: np.random.Generator, images: int, prompts: int, distinct: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         """`images` scenes (with replacement), `prompts` expressions each, the object uniform
-        among the scene's: (embeddings, BEiT-3 views, expressions, Bx1x(S/2)x(S/2) targets)."""
+        among the scene's: (embeddings, BEiT-3 views, expressions, Bx1x(S/2)x(S/2) targets).
+
+        distinct: a scene's first prompts name different objects (a random order of all of them,
+        then uniform draws once every object is named), so one image is asked for several of
+        its objects and only the words tell them apart; each object stays equally likely."""
         scenes, objects = [], []
         for s in rng.integers(len(self.objects), size=images):
             own = self.objects[int(s)]
-            for _ in range(prompts):
+            if distinct:
+                picks = list(rng.permutation(len(own))[:prompts])
+                picks += list(rng.integers(len(own), size=prompts - len(picks)))
+            else:
+                picks = [rng.integers(len(own)) for _ in range(prompts)]
+            for j in picks:
                 scenes.append(int(s))
-                objects.append(own[int(rng.integers(len(own)))])
+                objects.append(own[int(j)])
         target = torch.stack([self.quarters[o] for o in objects])[:, None].float() / 4
         return self.emb[scenes], self.beit[scenes], [self.texts[o] for o in objects], target

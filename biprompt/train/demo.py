@@ -176,11 +176,12 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
 def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, steps: int, lr: float,
                warmup: int, images: int, prompts: int, wide: bool, log_path: Path,
                log_every: int = 25, quiet: bool = False, stage: str = "evf",
-               pool: int = 0) -> EvfSam:
+               pool: int = 0, distinct: bool = False) -> EvfSam:
     """Train every part of `evf` but its (frozen) image encoder on (scene, expression) -> mask:
     `steps` of `images` scenes with `prompts` expressions each, cosine from `lr`. The scenes are
     fresh every step, or with `pool` drawn from that many encoded once (batches.TextPool; the
-    expressions are still drawn afresh)."""
+    expressions are still drawn afresh; `distinct`: a scene's prompts name different objects,
+    TextPool.batch)."""
     encoder = evf.visual_model.image_encoder.eval().requires_grad_(False)
     params = [p for n, p in evf.named_parameters() if not n.startswith("visual_model.image_encoder")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
@@ -194,7 +195,7 @@ def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, ste
         step_lr = lr_at(step, steps, lr, warmup)
         _set_lr(opt, step_lr)
         if scenes is not None:
-            emb, beit, texts, target = scenes.batch(rng, images, prompts)
+            emb, beit, texts, target = scenes.batch(rng, images, prompts, distinct)
         else:
             b = make_batch(rng, images, prompts, size, beit_size, text_targets=True,
                            variation=variation)

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=0,
                    help="draw the scenes from a pool of this many, encoded once "
                    "(biprompt.train.batches.TextPool); 0: fresh scenes every step")
+    p.add_argument("--distinct-targets", action="store_true",
+                   help="with --pool: a scene's prompts name different objects (TextPool.batch)")
     p.add_argument("--new", action="store_true",
                    help="start from an untrained text expert on the saved SAM (and a new "
                    "tokenizer) instead of reading evf_demo")
@@ -80,6 +82,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.distinct_targets and not args.pool:
+        raise SystemExit("--distinct-targets draws from the scene pool: give --pool N as well")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.model)
@@ -100,7 +104,8 @@ def main(argv=None) -> dict:
     train_text(evf, tok, rng, steps=args.steps, lr=args.lr, warmup=args.warmup,
                images=args.images, prompts=args.prompts, wide=args.wide,
                log_path=root / "train_log.jsonl", log_every=args.log_every, quiet=args.quiet,
-               stage="evf" if args.new else "text", pool=args.pool)
+               stage="evf" if args.new else "text", pool=args.pool,
+               distinct=args.distinct_targets)
     minutes = (time.perf_counter() - t0) / 60
     save_evf(evf, evf_dir, tokenizer=tok.tokenizer if args.new else None, dtype=torch.float16)
     summary = {"text_minutes": round(minutes, 2),

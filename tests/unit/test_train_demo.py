@@ -269,3 +269,37 @@ def test_text_pool_batches_pair_each_expression_with_its_objects_target(monkeypa
     with pytest.raises(ValueError, match="at least one scene"):
         batches.TextPool(encoder, 0, np.random.default_rng(0), 256, 128)
 
+
+def test_text_pool_distinct_batches_name_every_object_before_repeating_one():
+    """TextPool.batch(distinct=True): a scene's prompts name min(prompts, objects) different
+    objects, and every object is still drawn. Without it the draws are the stream they were."""
+    import collections
+
+    encoded = [0]
+
+    def encoder(x):  # each scene's embedding holds its index, as in the test above
+        out = torch.arange(encoded[0], encoded[0] + len(x), dtype=torch.float32).view(-1, 1, 1, 1)
+        encoded[0] += len(x)
+        return out
+
+    pool = batches.TextPool(encoder, 40, np.random.default_rng(5), 256, 128, batch=8)
+    rng = np.random.default_rng(6)
+    named = collections.Counter()
+    sizes = set()
+    for _ in range(25):
+        emb, _, texts, _ = pool.batch(rng, 8, 4, distinct=True)
+        for i in range(0, len(texts), 4):
+            scene = {int(v) for v in emb[i:i + 4, 0, 0, 0]}
+            assert len(scene) == 1  # a scene's prompts are consecutive
+            own = pool.objects[scene.pop()]
+            # an expression names one object of its scene, so equal texts are the same object
+            by_text = {pool.texts[o]: o for o in own}
+            picked = [by_text[t] for t in texts[i:i + 4]]
+            assert len(set(picked)) == min(4, len(own))
+            sizes.add(len(own))
+            named.update(picked)
+    assert {2, 5} <= sizes  # scenes with fewer and with more objects than prompts were drawn
+    assert len(named) > 0.9 * len(pool.texts)
+    a = pool.batch(np.random.default_rng(9), 6, 3)
+    b = pool.batch(np.random.default_rng(9), 6, 3, distinct=False)
+    assert a[2] == b[2] and torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
