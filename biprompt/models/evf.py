@@ -135,10 +135,21 @@ class EvfSam(nn.Module):
         beit_images: Bx3xSxS (normalised, mean = std = 0.5); input_ids: BxT; padding: BxT bool,
         True at pad positions. Returns Bx1xC.
         """
+        return self.prompt_from(self.fuse(beit_images, input_ids, padding))
+
+    def fuse(
+        self, beit_images: torch.Tensor, input_ids: torch.Tensor, padding: torch.Tensor
+    ) -> torch.Tensor:
+        """BEiT-3's output tokens for (image, text) pairs: Bx(1+P+T)xD, the CLS token first, then
+        the P image patches (row-major on BEiT-3's grid), then the T text tokens."""
         out = self.mm_extractor.beit3(
             visual_tokens=beit_images, textual_tokens=input_ids, text_padding_position=padding
         )
-        return self.text_hidden_fcs[0](out["encoder_out"][:, :1, :])
+        return out["encoder_out"]
+
+    def prompt_from(self, fused: torch.Tensor) -> torch.Tensor:
+        """`fuse`'s tokens -> the SAM prompt token (Bx1xC), from the CLS token, as EVF-SAM."""
+        return self.text_hidden_fcs[0](fused[:, :1, :])
 
     def decode(self, image_embeddings: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """EVF's decoder: embedding i with prompt token i -> Bx1x4hx4w low-res logits."""

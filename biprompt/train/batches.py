@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +91,22 @@ def make_batch(rng: np.random.Generator, n_images: int, prompts: int, size: int,
                  torch.stack(gts)[:, None], texts)
 
 
+class TextBatch(NamedTuple):
+    """A text step's batch from a TextPool, one row per (scene, expression)."""
+
+    emb: torch.Tensor  # BxCxhxw, the frozen SAM embeddings
+    beit: torch.Tensor  # Bx3xsxs, BEiT-3's view
+    texts: list[str]  # B expressions
+    target: torch.Tensor  # Bx1x(S/2)x(S/2), the mask loss's soft target
+    patches: torch.Tensor | None  # Bxgxg, the target on BEiT-3's patch grid (a pool with grid)
+
+
+def patch_target(mask: np.ndarray, grid: int) -> torch.Tensor:
+    """A full-size bool mask -> gxg float: the share of each BEiT-3 patch it covers, in BEiT-3's
+    view of the whole image (beit3_input resizes it to a square, whatever its aspect)."""
+    full = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.adaptive_avg_pool2d(full, grid)[0, 0]
+
 
 class TextPool:
     """Scenes for the text stages, each drawn and encoded once (the image encoder is frozen
@@ -98,14 +115,19 @@ class TextPool:
     quarters in uint8, so the values are exactly those of a fresh batch.
 
     Drawing and encoding a scene cost about 40% of a fresh text step; a pool pays that once per
-    scene and every step draws new (scene, expression) pairs from it."""
+    scene and every step draws new (scene, expression) pairs from it.
+
+    grid: also keep each object's target on BEiT-3's gxg patch grid (`patch_target`), for the
+    grounding loss (biprompt.train.grounding); 0: none. It draws nothing from `rng`."""
 
     def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], n: int,
                  rng: np.random.Generator, size: int, beit_size: int,
-                 variation: Variation | None = None, batch: int = 16, quiet: bool = True):
+                 variation: Variation | None = None, batch: int = 16, quiet: bool = True,
+                 grid: int = 0):
         if n < 1:
             raise ValueError(f"a text pool needs at least one scene, got {n}")
         embs, beits, self.quarters, self.texts = [], [], [], []
+        self.patches: list[torch.Tensor] = []
         self.objects: list[range] = []  # per scene, the indices of its objects
         for start in tqdm(range(0, n, batch), desc="pool", unit="batch", disable=quiet):
             images = []
@@ -121,6 +143,8 @@ class TextPool:
                     half = F.avg_pool2d(_gt_frame(obj.mask, input_size, size)[None, None], 2)
                     self.quarters.append((half[0, 0] * 4).round().to(torch.uint8))
                     self.texts.append(text)
+                    if grid:
+                        self.patches.append(patch_target(obj.mask, grid))
                 self.objects.append(range(first, len(self.texts)))
             with torch.no_grad():
                 embs.append(encoder(torch.cat(images)))
@@ -130,9 +154,9 @@ class TextPool:
         return len(self.objects)
 
     def batch(self, rng: np.random.Generator, images: int, prompts: int, distinct: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+              ) -> TextBatch:
         """`images` scenes (with replacement), `prompts` expressions each, the object uniform
-        among the scene's: (embeddings, BEiT-3 views, expressions, Bx1x(S/2)x(S/2) targets).
+        among the scene's (TextBatch: patches is None unless the pool was built with a grid).
 
         distinct: a scene's first prompts name different objects (a random order of all of them,
         then uniform draws once every object is named), so one image is asked for several of
@@ -149,4 +173,6 @@ class TextPool:
                 scenes.append(int(s))
                 objects.append(own[int(j)])
         target = torch.stack([self.quarters[o] for o in objects])[:, None].float() / 4
-        return self.emb[scenes], self.beit[scenes], [self.texts[o] for o in objects], target
+        patches = torch.stack([self.patches[o] for o in objects]) if self.patches else None
+        return TextBatch(self.emb[scenes], self.beit[scenes], [self.texts[o] for o in objects],
+                         target, patches)

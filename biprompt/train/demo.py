@@ -42,6 +42,7 @@ from biprompt.models.evf_loading import save_evf
 from biprompt.models.sam import SAM_VARIANTS, build_sam
 from biprompt.text import TextTokenizer
 from biprompt.train.batches import TextPool, make_batch, scene_variation
+from biprompt.train.grounding import GroundingHead, grounding_loss
 
 DEMO_SAM = SAM_VARIANTS["demo"]
 DEMO_BEIT3 = Beit3Spec(embed_dim=128, layers=4, heads=4, ffn_dim=512, img_size=128,
@@ -176,17 +177,25 @@ def train_evf(args, sam: torch.nn.Module, tok_dir: Path, log_path: Path) -> tupl
 def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, steps: int, lr: float,
                warmup: int, images: int, prompts: int, wide: bool, log_path: Path,
                log_every: int = 25, quiet: bool = False, stage: str = "evf",
-               pool: int = 0, distinct: bool = False) -> EvfSam:
+               pool: int = 0, distinct: bool = False, grounding: float = 0.0) -> EvfSam:
     """Train every part of `evf` but its (frozen) image encoder on (scene, expression) -> mask:
     `steps` of `images` scenes with `prompts` expressions each, cosine from `lr`. The scenes are
     fresh every step, or with `pool` drawn from that many encoded once (batches.TextPool; the
     expressions are still drawn afresh; `distinct`: a scene's prompts name different objects,
-    TextPool.batch)."""
+    TextPool.batch). `grounding` > 0 adds that weight of biprompt.train.grounding's loss on
+    BEiT-3's patches (a pool only); its head is trained alongside and then dropped."""
+    if grounding and not pool:
+        raise ValueError("the grounding loss reads its targets from the scene pool: give a pool")
     encoder = evf.visual_model.image_encoder.eval().requires_grad_(False)
     params = [p for n, p in evf.named_parameters() if not n.startswith("visual_model.image_encoder")]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    size, beit_size, variation = DEMO_SAM.img_size, evf.config.beit3_spec.img_size, scene_variation(wide)
-    scenes = TextPool(encoder, pool, rng, size, beit_size, variation, quiet=quiet) if pool else None
+    spec = evf.config.beit3_spec
+    grid = spec.img_size // spec.patch_size if grounding else 0
+    head = GroundingHead(spec.embed_dim, grid) if grounding else None  # drawn only when used
+    opt = torch.optim.AdamW(params + (list(head.parameters()) if head else []), lr=lr,
+                            weight_decay=0.05)
+    size, beit_size, variation = DEMO_SAM.img_size, spec.img_size, scene_variation(wide)
+    scenes = (TextPool(encoder, pool, rng, size, beit_size, variation, quiet=quiet, grid=grid)
+              if pool else None)
     evf.train()
     encoder.eval()
     log = LossLog(log_path, stage)
@@ -195,7 +204,7 @@ def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, ste
         step_lr = lr_at(step, steps, lr, warmup)
         _set_lr(opt, step_lr)
         if scenes is not None:
-            emb, beit, texts, target = scenes.batch(rng, images, prompts, distinct)
+            emb, beit, texts, target, patches = scenes.batch(rng, images, prompts, distinct)
         else:
             b = make_batch(rng, images, prompts, size, beit_size, text_targets=True,
                            variation=variation)
@@ -204,14 +213,20 @@ def train_text(evf: EvfSam, tok: TextTokenizer, rng: np.random.Generator, *, ste
             beit, texts = b.beit.repeat_interleave(prompts, 0), b.texts
             target = F.avg_pool2d(b.gt, 2)  # as mask_losses does
         ids, padding = tok(texts)
-        logits = evf.decode(emb, evf.text_prompt(beit, ids, padding))
+        fused = evf.fuse(beit, ids, padding)
+        logits = evf.decode(emb, evf.prompt_from(fused))
         per, iou = half_res_losses(logits, target)
         loss = per.mean()
+        extra = {}
+        if head is not None:
+            ground = grounding_loss(head(fused), patches)
+            loss = loss + grounding * ground
+            extra["grounding"] = ground.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        log.add(loss=loss.item(), iou=iou.mean().item())
+        log.add(loss=loss.item(), iou=iou.mean().item(), **extra)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             row = log.flush(step + 1, step_lr)
             bar.set_postfix(loss=row["loss"], iou=row["iou"])

@@ -1,6 +1,6 @@
-"""More passes over the demo model's text expert (EVF-SAM), on the SAM's frozen embeddings.
+"""The demo model's text expert (EVF-SAM), trained on the SAM's frozen embeddings: anew or in passes.
 
-    python -m biprompt.train.text --model models/demo          # make train-demo runs three
+    python -m biprompt.train.text --model models/demo --new --pool 8000 --grounding 1  # make train-demo
 
 Stage 2 (biprompt/train/demo.py) stops while the text expert is still improving fast: its
 training IoU climbs from 0.37 to 0.52 over its last 500 steps. A pass of this stage reads the
@@ -12,7 +12,10 @@ the same layout. Nothing else in the model changes.
 
 With --new it starts a text expert from nothing instead (stage 2 of demo.py, after `demo.py
 --evf-steps 0`): a fresh EVF-SAM whose visual model is a copy of the saved SAM, as stage 2 builds
-it. `make train-demo FAST=1` trains it so, in one run on a pool.
+it. `make train-demo` trains it so, in one run on a pool, with --grounding: a loss on BEiT-3's
+image patches (biprompt/train/grounding.py) that teaches it where the named object is, much
+faster than the mask loss alone. Passes without --new over an existing expert still work (the
+recipe before grounding ran three).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def parse_args(argv=None):
                    "(biprompt.train.batches.TextPool); 0: fresh scenes every step")
     p.add_argument("--distinct-targets", action="store_true",
                    help="with --pool: a scene's prompts name different objects (TextPool.batch)")
+    p.add_argument("--grounding", type=float, default=0.0,
+                   help="with --pool: weight of the grounding loss on BEiT-3's image patches "
+                   "(biprompt.train.grounding); 0: the mask loss alone")
     p.add_argument("--new", action="store_true",
                    help="start from an untrained text expert on the saved SAM (and a new "
                    "tokenizer) instead of reading evf_demo")
@@ -84,6 +90,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.distinct_targets and not args.pool:
         raise SystemExit("--distinct-targets draws from the scene pool: give --pool N as well")
+    if args.grounding and not args.pool:
+        raise SystemExit("--grounding reads its targets from the scene pool: give --pool N as well")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.model)
@@ -105,13 +113,13 @@ def main(argv=None) -> dict:
                images=args.images, prompts=args.prompts, wide=args.wide,
                log_path=root / "train_log.jsonl", log_every=args.log_every, quiet=args.quiet,
                stage="evf" if args.new else "text", pool=args.pool,
-               distinct=args.distinct_targets)
+               distinct=args.distinct_targets, grounding=args.grounding)
     minutes = (time.perf_counter() - t0) / 60
     save_evf(evf, evf_dir, tokenizer=tok.tokenizer if args.new else None, dtype=torch.float16)
     summary = {"text_minutes": round(minutes, 2),
                "evf_bytes": sum(f.stat().st_size for f in evf_dir.rglob("*") if f.is_file()),
                "args": vars(args)}
-    # one entry per pass (make train-demo runs three): earlier passes' entries are kept
+    # one entry per pass (passes without --new): earlier passes' entries are kept
     path = root / "text_summary.json"
     passes = json.loads(path.read_text()) if path.is_file() and not args.new else []
     path.write_text(json.dumps([*passes, summary], indent=2))

@@ -256,7 +256,8 @@ def test_text_pool_batches_pair_each_expression_with_its_objects_target(monkeypa
 
     pool = batches.TextPool(encoder, 10, np.random.default_rng(2), 256, 128, batch=4)
     assert len(pool) == len(drawn) == encoded[0] == 10
-    emb, beit, texts, target = pool.batch(np.random.default_rng(3), 6, 3)
+    emb, beit, texts, target, patches = pool.batch(np.random.default_rng(3), 6, 3)
+    assert patches is None  # a pool built without a grid
     assert emb.shape[0] == beit.shape[0] == len(texts) == 18 and target.shape == (18, 1, 128, 128)
     assert len({int(v) for v in emb[:, 0, 0, 0]}) > 1
     for i, text in enumerate(texts):
@@ -287,7 +288,7 @@ def test_text_pool_distinct_batches_name_every_object_before_repeating_one():
     named = collections.Counter()
     sizes = set()
     for _ in range(25):
-        emb, _, texts, _ = pool.batch(rng, 8, 4, distinct=True)
+        emb, _, texts, _, _ = pool.batch(rng, 8, 4, distinct=True)
         for i in range(0, len(texts), 4):
             scene = {int(v) for v in emb[i:i + 4, 0, 0, 0]}
             assert len(scene) == 1  # a scene's prompts are consecutive
@@ -303,3 +304,72 @@ def test_text_pool_distinct_batches_name_every_object_before_repeating_one():
     a = pool.batch(np.random.default_rng(9), 6, 3)
     b = pool.batch(np.random.default_rng(9), 6, 3, distinct=False)
     assert a[2] == b[2] and torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+
+
+def test_a_pool_with_a_grid_adds_each_objects_patch_target_and_draws_the_same_scenes():
+    """TextPool(grid=8): each row's patch target is its own object's mask as a share of each of
+    BEiT-3's 8x8 patches (in BEiT-3's squashed view of the whole canvas, 320x240 included); the
+    scenes, expressions and mask targets are those of a pool without a grid."""
+    def encoder(x):
+        return torch.zeros(len(x), 1, 1, 1)
+
+    plain = batches.TextPool(encoder, 12, np.random.default_rng(4), 256, 128, batch=4)
+    gridded = batches.TextPool(encoder, 12, np.random.default_rng(4), 256, 128, batch=4, grid=8)
+    a = plain.batch(np.random.default_rng(8), 6, 3)
+    b = gridded.batch(np.random.default_rng(8), 6, 3)
+    assert a.texts == b.texts and torch.equal(a.target, b.target) and torch.equal(a.beit, b.beit)
+    assert b.patches.shape == (18, 8, 8)
+    assert ((b.patches >= 0) & (b.patches <= 1)).all()
+
+    mask = np.zeros((240, 320), bool)
+    mask[0:30, 0:40] = True  # the top-left patch of the squashed view, exactly
+    mask[120:135, 280:320] = True  # half of the patch at row 4, column 7
+    t = batches.patch_target(mask, 8)
+    assert t[0, 0] == 1 and abs(float(t[4, 7]) - 0.5) < 1e-6
+    assert abs(float(t.sum()) - 1.5) < 1e-5
+
+
+def test_grounding_loss_prefers_the_patches_the_object_covers():
+    from biprompt.train.grounding import GroundingHead, grounding_loss
+
+    target = torch.zeros(2, 8, 8)
+    target[:, 2, 3] = 1.0
+    right = torch.full((2, 8, 8), -6.0)
+    right[:, 2, 3] = 6.0
+    wrong = torch.full((2, 8, 8), -6.0)
+    wrong[:, 5, 5] = 6.0
+    assert grounding_loss(right, target) < 0.1 < 0.5 < grounding_loss(wrong, target)
+    head = GroundingHead(16, 8)
+    fused = torch.zeros(2, 1 + 64 + 5, 16)
+    fused[:, 1 + 2 * 8 + 3] = 1.0  # the token of patch (2, 3): after CLS, row-major
+    with torch.no_grad():
+        head.proj.weight.fill_(1.0)
+        head.proj.bias.zero_()
+    out = head(fused)
+    assert out.shape == (2, 8, 8) and out[0, 2, 3] == 16 and out.abs().sum() == 32
+
+
+def test_the_grounding_loss_trains_the_text_expert_and_leaves_its_layout_as_it_was(tmp_path):
+    """text --new --grounding: same checkpoint keys as without it (the head is dropped), other
+    weights (the loss reached BEiT-3), its value in the log; refused without a pool."""
+    from biprompt.models.evf_loading import read_hf_weights
+    from biprompt.train import text
+
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--sam-steps", "1", "--evf-steps", "0", "--images", "2",
+               "--prompts", "2", "--quiet"])
+    args = ["--model", str(out), "--new", "--seed", "5", "--steps", "2", "--images", "2",
+            "--prompts", "2", "--warmup", "1", "--log-every", "1", "--quiet", "--threads", "1",
+            "--pool", "3"]
+    text.main(args)
+    plain = read_hf_weights(out / "evf_demo")
+    text.main([*args, "--grounding", "1"])
+    grounded = read_hf_weights(out / "evf_demo")
+    assert set(plain) == set(grounded)
+    changed = {k for k in plain if not torch.equal(plain[k], grounded[k])}
+    assert any(k.startswith("mm_extractor.beit3.") for k in changed)
+    assert not any(k.startswith(text.ENCODER) for k in changed)
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert "grounding" in rows[-1] and "grounding" not in rows[-3] and rows[-1]["grounding"] > 0
+    with pytest.raises(SystemExit, match="--pool"):
+        text.main(["--model", str(out), "--new", "--steps", "1", "--grounding", "1", "--quiet"])
