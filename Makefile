@@ -42,25 +42,16 @@ soak: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m serving.demo $(if $(SERVE),--serve) $(DEMO_ARGS)
 
-# Retrains the bundled ShapesRef demo model into DEMO_OUT (seeded): SAM then EVF-SAM
-# (biprompt/train/demo.py), three more passes over the text expert (biprompt/train/text.py; the
-# third on a pool of scenes encoded once), SAM's refinement-click stage
-# (biprompt/train/refine.py), then the reference-image expert on the final SAM
-# (biprompt/train/reference.py). WIDE=1 draws every stage's scenes from the wider
-# distribution (shapes_ref.WIDE) with shorter later stages and no text passes: 59.6 min here, but
-# a worse model at this size (README, "The demo model"). FAST=1 is the one-hour recipe: the same
-# SAM and refinement stages, then one text-expert run on a pool (no extra passes) and a shorter
-# reference stage: under an hour here, for a less accurate model (README, "The demo model").
+# Retrains the bundled ShapesRef demo model into DEMO_OUT (seeded), in under an hour on 2 cores:
+# SAM (biprompt/train/demo.py; --evf-steps 0 skips its old text stage), SAM's refinement-click
+# stage (biprompt/train/refine.py), then the text expert from nothing on the final SAM, on a pool
+# of scenes encoded once and with the grounding loss on BEiT-3's patches (biprompt/train/text.py
+# --new --grounding), then the reference-image expert (biprompt/train/reference.py). WIDE=1 draws
+# every stage's scenes from the wider distribution (shapes_ref.WIDE), with the earlier text stage
+# and no grounding loss: 59.6 min here, but a worse model at this size (README, "The demo model").
+# The recipe before grounding (three more text passes, about 115 min) is in git history (d373fe9).
 DEMO_OUT ?= models/demo
-ifeq ($(FAST),1)
-train-demo: $(STAMP)
-	$(PY) -m biprompt.train.demo --out $(DEMO_OUT) --evf-steps 0
-	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
-		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
-	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --new --seed 20261123 --steps 1800 \
-		--pool 8000 --lr 5e-4 --warmup 150
-	$(PY) -m biprompt.train.reference --model $(DEMO_OUT) --steps 2000
-else ifeq ($(WIDE),1)
+ifeq ($(WIDE),1)
 train-demo: $(STAMP)
 	$(PY) -m biprompt.train.demo --out $(DEMO_OUT) --evf-steps 1400 --wide
 	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 400 --images 6 \
@@ -68,13 +59,12 @@ train-demo: $(STAMP)
 	$(PY) -m biprompt.train.reference --model $(DEMO_OUT) --steps 3000 --wide
 else
 train-demo: $(STAMP)
-	$(PY) -m biprompt.train.demo --out $(DEMO_OUT)
-	$(PY) -m biprompt.train.text --model $(DEMO_OUT)
-	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --seed 20261203 --lr 1e-4
-	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --seed 20261204 --lr 5e-5 --pool 4000
+	$(PY) -m biprompt.train.demo --out $(DEMO_OUT) --evf-steps 0
 	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
 		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20
-	$(PY) -m biprompt.train.reference --model $(DEMO_OUT)
+	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --new --seed 20261123 --steps 1800 \
+		--pool 8000 --lr 5e-4 --warmup 150 --distinct-targets --grounding 1
+	$(PY) -m biprompt.train.reference --model $(DEMO_OUT) --steps 2000
 endif
 
 # Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes

@@ -68,6 +68,6 @@ def test_build_app_resolves_profile_and_threshold():
     assert isinstance(args, AppArgs)  # typed end to end, not a dict
     assert Path(args.model_profile).is_absolute()
     assert args.agreement_threshold == 0.3
-    # without an override, the threshold is the profile's (demo: 0.02)
+    # without an override, the threshold is the profile's (demo: 0.01)
     default = build_app({})._bound_deployment.init_args[-1]
-    assert default.agreement_threshold == 0.02
+    assert default.agreement_threshold == 0.01

@@ -167,8 +167,10 @@ def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
 
     shutil.copytree("models/demo", tmp_path, dirs_exist_ok=True)
     before_sam = (tmp_path / "sam_demo.pth").read_bytes()
-    shipped_passes = len(json.loads((tmp_path / "text_summary.json").read_text()))
-    assert shipped_passes == 3  # the passes make train-demo runs
+    shipped = json.loads((tmp_path / "text_summary.json").read_text())
+    shipped_passes = len(shipped)
+    # make train-demo trains it in one run from nothing, with the grounding loss
+    assert shipped_passes == 1 and shipped[0]["args"]["new"] and shipped[0]["args"]["grounding"] == 1
     before = read_hf_weights(tmp_path / "evf_demo")
     summary = text.main(["--model", str(tmp_path), "--steps", "3", "--images", "2",
                          "--prompts", "2", "--warmup", "1", "--log-every", "1", "--quiet",
@@ -181,9 +183,9 @@ def test_text_stage_retrains_only_the_text_expert_in_place(tmp_path):
     assert any(k.startswith("mm_extractor.") for k in changed)
     assert summary["evf_bytes"] < 7 * 2**20
     rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    # appended to the bundled model's log (which holds the shipped passes' rows)
+    # appended to the bundled model's log (which holds the shipped stages' rows)
     assert [(r["stage"], r["step"]) for r in rows[-3:]] == [("text", 1), ("text", 2), ("text", 3)]
-    # one entry appended to the shipped passes' (text_summary.json is a list, one per pass)
+    # one entry appended to the shipped run's (text_summary.json is a list, one per pass)
     assert len(json.loads((tmp_path / "text_summary.json").read_text())) == shipped_passes + 1
     profile = {"name": "t", "sam": {"checkpoint": str(tmp_path / "sam_demo.pth"), "variant": "demo"},
                "text_model": {"checkpoint": str(tmp_path / "evf_demo")}}
