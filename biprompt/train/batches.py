@@ -26,18 +26,34 @@ CANVASES = (((256, 256), 0.6), ((240, 320), 0.2), ((320, 240), 0.1), ((224, 288)
 FREE_CANVAS_P, FREE_SIDES = 0.3, (192, 336)
 
 
-def draw_canvas(rng: np.random.Generator, variation: Variation | None) -> tuple[int, int]:
-    """(height, width) of one training scene: the listed canvases, and with a variation also
-    free ones, so the model meets other sizes and aspect ratios than those it is scored on."""
+def draw_canvas(rng: np.random.Generator, variation: Variation | None,
+                canvases: tuple = CANVASES) -> tuple[int, int]:
+    """(height, width) of one training scene: the listed canvases (((h, w), weight) pairs), and
+    with a variation also free ones, so the model meets other sizes and aspect ratios than those
+    it is scored on."""
     if variation is not None and rng.random() < FREE_CANVAS_P:
         lo, hi = FREE_SIDES
         return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    canvases, weights = zip(*CANVASES, strict=True)
+    canvases, weights = zip(*canvases, strict=True)
     return canvases[rng.choice(len(canvases), p=np.array(weights) / sum(weights))]
 
 
 def scene_variation(wide: bool) -> Variation | None:
     return WIDE if wide else None
+
+
+def reweighted_canvases(weights: str) -> tuple:
+    """CANVASES with other weights, from "w1,w2,..." in CANVASES' order (a CLI's --canvas-weights)."""
+    try:
+        values = [float(v) for v in weights.split(",")]
+    except ValueError:
+        values = []
+    if (len(values) != len(CANVASES) or not np.isfinite(values).all() or min(values) < 0
+            or sum(values) <= 0):
+        sizes = ", ".join(f"{w}x{h}" for (h, w), _ in CANVASES)
+        raise ValueError(f"--canvas-weights needs {len(CANVASES)} non-negative weights, not all "
+                         f"zero, one per canvas ({sizes}); got {weights!r}")
+    return tuple((size, v) for (size, _), v in zip(CANVASES, values, strict=True))
 
 
 @dataclass
@@ -62,13 +78,14 @@ def _gt_frame(mask: np.ndarray, input_size: tuple[int, int], size: int) -> torch
 
 def make_batch(rng: np.random.Generator, n_images: int, prompts: int, size: int,
                beit_size: int, text_targets: bool = False,
-               variation: Variation | None = None) -> Batch:
+               variation: Variation | None = None, canvases: tuple = CANVASES) -> Batch:
     """`prompts` per scene. Stage 1 (points): a point uniform on a random object; the loss target
     is sampled among the objects under it. Stage 2 (text): the target is the object itself.
-    `variation` draws scenes (and canvases) from a wider distribution than the spec's."""
+    `variation` draws scenes (and canvases) from a wider distribution than the spec's;
+    `canvases` reweights the canvas sizes (`draw_canvas`)."""
     images, beit, coords, gts, texts = [], [], [], [], []
     for _ in range(n_images):
-        h, w = draw_canvas(rng, variation)
+        h, w = draw_canvas(rng, variation, canvases)
         scene: Scene = generate_scene(rng, h, w, variation=variation)
         x = sam_resize(scene.image, size)
         input_size = (x.shape[-2], x.shape[-1])

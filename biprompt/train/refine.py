@@ -33,7 +33,7 @@ import biprompt  # noqa: F401  (torchvision/timm stand-ins before segment_anythi
 from biprompt.clicks import next_click
 from biprompt.models.decoding import decode_all, decode_pairs
 from biprompt.models.sam import build_sam
-from biprompt.train.batches import make_batch, scene_variation
+from biprompt.train.batches import CANVASES, make_batch, reweighted_canvases, scene_variation
 from biprompt.train.demo import DEMO_BEIT3, DEMO_SAM, lr_at, mask_losses
 
 
@@ -90,7 +90,8 @@ def all_decoding(sam) -> list[torch.nn.Parameter]:
 
 
 def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: int, lr: float,
-          warmup: int, full: bool = False, wide: bool = False, log=print) -> None:
+          warmup: int, full: bool = False, wide: bool = False, canvases: tuple = CANVASES,
+          log=print) -> None:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = all_decoding(sam) if full else trainable(sam)
@@ -101,7 +102,7 @@ def train(sam, steps: int, *, seed: int, images: int, prompts: int, max_clicks: 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         b = make_batch(rng, images, prompts, size, DEMO_BEIT3.img_size,
-                       variation=scene_variation(wide))
+                       variation=scene_variation(wide), canvases=canvases)
         gt_half = (F.avg_pool2d(b.gt, 2) > 0.5)[:, 0].numpy()
         with torch.no_grad():
             emb = sam.image_encoder(b.images).repeat_interleave(prompts, 0)
@@ -179,7 +180,15 @@ def main(argv=None) -> dict:
                    "decoder, with the first click's loss (first clicks change)")
     p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=False,
                    help="scenes from the wide distribution (shapes_ref.WIDE, free canvases)")
+    p.add_argument("--canvas-weights", default=None, metavar="W,W,W,W",
+                   help="how often each training canvas is drawn, in the order "
+                   + ", ".join(f"{w}x{h}" for (h, w), _ in CANVASES) + " (default "
+                   + ",".join(str(v) for _, v in CANVASES) + ")")
     args = p.parse_args(argv)
+    try:
+        canvases = reweighted_canvases(args.canvas_weights) if args.canvas_weights else CANVASES
+    except ValueError as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model) / "sam_demo.pth"
@@ -193,13 +202,17 @@ def main(argv=None) -> dict:
             fh.write(line + "\n")
         train(sam.train(), args.steps, seed=args.seed, images=args.images, prompts=args.prompts,
               max_clicks=args.max_clicks, lr=args.lr, warmup=args.warmup, full=args.full,
-              wide=args.wide, log=log)
+              wide=args.wide, canvases=canvases, log=log)
     sam.eval()
     if not args.full and not torch.equal(first_click_logits(sam), before):
         raise AssertionError("stage 3 changed a first click's output: a frozen weight moved")
     torch.save({k: v.detach().half().contiguous() for k, v in sam.state_dict().items()}, path)
     summary = {"refine_minutes": round((time.perf_counter() - t0) / 60, 2), "args": vars(args)}
     print(json.dumps(summary))
+    # one entry per pass over this SAM (make train-demo runs two), as text_summary.json
+    record = Path(args.model) / "refine_summary.json"
+    passes = json.loads(record.read_text()) if record.is_file() else []
+    record.write_text(json.dumps([*passes, summary], indent=2) + "\n")
     return summary
 
 

@@ -3,6 +3,8 @@ logits' cache format."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,10 @@ def test_the_refinement_stage_trains_only_what_a_first_click_never_uses(tmp_path
     full = torch.load(tmp_path / "sam_demo.pth")
     assert not torch.equal(after["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"],
                            full["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"])
+    # each pass is recorded, in order, with its own arguments
+    passes = json.loads((tmp_path / "refine_summary.json").read_text())
+    assert [p["args"]["full"] for p in passes] == [False, True]
+    assert all(p["refine_minutes"] >= 0 and p["args"]["steps"] == 2 for p in passes)
 
 
 def test_noc_counts_clicks_to_a_threshold_and_max_clicks_when_never():

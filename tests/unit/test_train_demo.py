@@ -75,6 +75,35 @@ def test_wide_batches_draw_other_canvases_and_keep_points_on_their_targets(monke
     assert free and all(lo <= h <= hi and lo <= w <= hi for h, w in free)
 
 
+def test_canvas_weights_reweight_the_listed_canvases_and_refuse_a_bad_list(monkeypatch):
+    """refine.py --canvas-weights: only the weighted canvases are drawn, in their proportions;
+    the default list draws exactly the stream it drew before; a bad list is a clear error."""
+    only_wide = batches.reweighted_canvases("0,1,0,0")
+    assert [size for size, _ in only_wide] == [size for size, _ in batches.CANVASES]
+    rng = np.random.default_rng(0)
+    assert {batches.draw_canvas(rng, None, only_wide) for _ in range(50)} == {(240, 320)}
+    half = batches.reweighted_canvases("1,1,0,0")
+    drawn = [batches.draw_canvas(rng, None, half) for _ in range(2000)]
+    assert set(drawn) == {(256, 256), (240, 320)}
+    assert 0.45 < drawn.count((240, 320)) / len(drawn) < 0.55
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert ([batches.draw_canvas(a, None) for _ in range(200)]
+            == [batches.draw_canvas(b, None, batches.CANVASES) for _ in range(200)])
+    for bad in ("1,2", "1,-1,0,0", "0,0,0,0", "a,b,c,d"):
+        with pytest.raises(ValueError, match="canvas"):
+            batches.reweighted_canvases(bad)
+    sizes = []
+    real = batches.generate_scene
+
+    def spy(rng, h, w, **kw):
+        sizes.append((h, w))
+        return real(rng, h, w, **kw)
+
+    monkeypatch.setattr(batches, "generate_scene", spy)
+    batches.make_batch(np.random.default_rng(1), 6, 1, 256, 128, canvases=only_wide)
+    assert sizes == [(240, 320)] * 6
+
+
 def test_min_over_candidates_loss_prefers_the_matching_candidate():
     gt = torch.zeros(1, 1, 64, 64)
     gt[..., 8:32, 8:32] = 1
