@@ -44,9 +44,12 @@ demo: $(STAMP)
 
 # Retrains the bundled ShapesRef demo model into DEMO_OUT (seeded), in under an hour on 2 cores:
 # SAM (biprompt/train/demo.py; --evf-steps 0 skips its old text stage), SAM's refinement-click
-# stage (biprompt/train/refine.py), then the text expert from nothing on the final SAM, on a pool
+# stage (biprompt/train/refine.py), then the text expert from nothing on that SAM, on a pool
 # of scenes encoded once and with the grounding loss on BEiT-3's patches (biprompt/train/text.py
-# --new --grounding), then the reference-image expert (biprompt/train/reference.py). WIDE=1 draws
+# --new --grounding), then the reference-image expert (biprompt/train/reference.py), then a second
+# refinement pass weighted to 320x240 canvases. That pass trains only SAM's prompt encoder and mask
+# decoder; it comes last because both experts start their own decoders from SAM's, and read only
+# the frozen encoder's embeddings, which it leaves as they were. WIDE=1 draws
 # every stage's scenes from the wider distribution (shapes_ref.WIDE), with the earlier text stage
 # and no grounding loss: 59.6 min here, but a worse model at this size (README, "The demo model").
 # The recipe before grounding (three more text passes, about 115 min) is in git history (d373fe9).
@@ -65,6 +68,9 @@ train-demo: $(STAMP)
 	$(PY) -m biprompt.train.text --model $(DEMO_OUT) --new --seed 20261123 --steps 1800 \
 		--pool 8000 --lr 5e-4 --warmup 150 --distinct-targets --grounding 1
 	$(PY) -m biprompt.train.reference --model $(DEMO_OUT) --steps 2000
+	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
+		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20 --seed 20261203 \
+		--canvas-weights 0.2,0.6,0.1,0.1
 endif
 
 # Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes
