@@ -3,6 +3,7 @@ layouts' code paths, fits the size budget, and segments ShapesRef well. Floors, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def test_model_ids_name_the_demo_files(demo_pipeline):
     ids = demo_pipeline.model_ids
     assert "sam_demo" in ids["sam"] and "evf_demo" in ids["text"]
     assert demo_pipeline.spec.name == "demo"
+
+
+def test_the_shipped_sam_ends_with_the_recipes_second_refinement_pass(demo_pipeline):
+    """make train-demo's last stage (the pass weighted to 320x240) is what the shipped SAM last
+    went through, and the profile serves the rule chosen for that SAM."""
+    passes = json.loads((REPO / "models/demo/refine_summary.json").read_text())
+    last = passes[-1]["args"]
+    assert last["full"] and (last["steps"], last["seed"]) == (600, 20261203)
+    assert last["canvas_weights"] == "0.2,0.6,0.1,0.1"
+    assert demo_pipeline.rule == "confident"
 
 
 def test_accuracy_floor_on_a_seeded_set(demo_pipeline):
