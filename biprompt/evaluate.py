@@ -18,8 +18,8 @@ fresh scene of the same generator, annotated by its mask) and the rows add:
 - reference-only: the reference expert's mask;
 - point+reference: the candidate with the highest IoU against the reference mask;
 - point+text+reference: the candidate the two experts pick together, under each selection rule
-  (biprompt.selection.RULES: mean with the profile's weights, confident, and mean with equal
-  weights), without the agreement fallback;
+  (biprompt.selection.RULES: mean with the profile's weights, confident, the arbiter where the
+  profile has one, and mean with equal weights), without the agreement fallback;
 and BiPrompt (served) is then the answer with both experts voting.
 """
 
@@ -82,16 +82,26 @@ def method_masks(result, gt_mask: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def reference_method_masks(result, weights: dict | None = None) -> dict[str, np.ndarray]:
+def reference_methods(arbiter=None) -> tuple[str, ...]:
+    """The reference rows (the arbiter's only with an arbiter)."""
+    return tuple(m for m in REFERENCE_METHODS
+                 if arbiter is not None or m != ALL_RULES["arbiter"])
+
+
+def reference_method_masks(result, weights: dict | None = None,
+                           arbiter=None) -> dict[str, np.ndarray]:
     """The reference rows' masks, from one result with both experts' masks (`weights`: the
-    mean's, the pipeline's)."""
+    mean's, `arbiter`: the arbiter rule's model; the pipeline's)."""
     cands, scores = result.candidates, np.asarray(result.candidate_scores, dtype=np.float64)
     ref = result.expert_masks["reference"]
     both = {"text": result.text_mask, "reference": ref}
     out = {REF_ONLY: ref, POINT_REF: cands[select(cands, scores, {"reference": ref},
                                                   mode="reference").selected]}
     for rule, name in ALL_RULES.items():
-        out[name] = cands[select(cands, scores, both, "biprompt", 0.0, rule, weights).selected]
+        if rule == "arbiter" and arbiter is None:
+            continue
+        out[name] = cands[select(cands, scores, both, "biprompt", 0.0, rule, weights,
+                                 arbiter).selected]
     out[EQUAL_MEAN] = cands[select(cands, scores, both, "biprompt", 0.0, "mean").selected]
     return out
 
@@ -121,7 +131,8 @@ def evaluate_shapes(
     samples = GENERATORS[generator](n, seed, height, width)
     if reference is None:
         reference = pipeline.reference is not None
-    methods = METHODS + (REFERENCE_METHODS if reference else ())
+    arbiter = getattr(pipeline, "arbiter", None)
+    methods = METHODS + (reference_methods(arbiter) if reference else ())
     episodes = (make_episodes(samples, SCENES[generator], seed, height, width) if reference
                 else [None] * len(samples))
     scores = {m: {s: Scores() for s in SUBSETS} for m in methods}
@@ -145,7 +156,7 @@ def evaluate_shapes(
         strategies[res.strategy] += 1
         masks = method_masks(res, sample.gt_mask)
         if episode is not None:
-            masks.update(reference_method_masks(res, pipeline.expert_weights))
+            masks.update(reference_method_masks(res, pipeline.expert_weights, arbiter))
         for method, mask in masks.items():
             scores[method]["all"].add(mask, sample.gt_mask)
             if sample.ambiguous:

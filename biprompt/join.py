@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from biprompt.arbiter import Arbiter
 from biprompt.config import DEFAULT_AGREEMENT_THRESHOLD
 from biprompt.selection import DEFAULT_RULE, EXPERT_MODES, expert_agreement, select
 from biprompt.types import PointCandidates, SegmentResult
@@ -23,6 +24,7 @@ def join(
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
     rule: str = DEFAULT_RULE,
     weights: Mapping[str, float] | None = None,
+    arbiter: Arbiter | None = None,
 ) -> SegmentResult:
     """candidates: SAM's K masks and predicted IoUs for the prompt (None: no point or box, so an
     expert mode answers alone); experts: {name: HxW bool mask}, None or absent when that expert
@@ -37,7 +39,7 @@ def join(
                              expert_masks=present, expert_ious={},
                              expert_agreement=expert_agreement(present))
     sel = select(candidates.masks, candidates.scores, present, mode, agreement_threshold, rule,
-                 weights)
+                 weights, arbiter)
     mask = present[mode] if mode in EXPERT_MODES else candidates.masks[sel.selected]
     logits = None
     if mode not in EXPERT_MODES and candidates.low_res_logits is not None:

@@ -12,12 +12,14 @@ class builds all three, in one process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from biprompt.arbiter import Arbiter
 from biprompt.config import DEFAULT_AGREEMENT_THRESHOLD, DEFAULT_MAX_PIXELS
 from biprompt.engines import (
     ImageEncoderEngine,
@@ -45,6 +47,8 @@ from biprompt.types import ImageEmbedding, PointCandidates, SegmentResult
 
 __all__ = ["BiPromptPipeline", "resolve_dtype"]
 
+log = logging.getLogger(__name__)
+
 
 class BiPromptPipeline:
     def __init__(
@@ -57,6 +61,7 @@ class BiPromptPipeline:
         agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
         rule: str = DEFAULT_RULE,
         weights: dict[str, float] | None = None,
+        arbiter: Arbiter | None = None,
         name: str | None = None,
     ):
         if decoder.model_id != encoder.model_id or any(
@@ -64,11 +69,18 @@ class BiPromptPipeline:
             raise ValueError("the engines were built from different SAM checkpoints")
         if rule not in RULES:
             raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
+        if rule == "arbiter" and arbiter is None:
+            raise ValueError("the arbiter rule needs an arbiter (biprompt.arbiter.Arbiter)")
         self.encoder, self.decoder, self.text = encoder, decoder, text
         self.reference = reference
         self.agreement_threshold, self.rule = agreement_threshold, rule
         self.expert_weights = dict(weights or {})
+        self.arbiter = arbiter
         self.name = name or encoder.model_id
+        if arbiter is not None and arbiter.mismatches(self.model_ids):
+            log.warning("the selection arbiter %s was fit for other %s models than these: "
+                        "refit it (python -m biprompt.train.arbiter)", arbiter.path or "",
+                        " and ".join(arbiter.mismatches(self.model_ids)))
 
     # --- construction -----------------------------------------------------------------------
 
@@ -97,7 +109,7 @@ class BiPromptPipeline:
                      if p.reference is not None else None)
         return cls(encoder, decoder, text, reference=reference,
                    agreement_threshold=p.agreement_threshold, rule=p.selection_rule,
-                   weights=p.selection_weights, name=p.name)
+                   weights=p.selection_weights, arbiter=p.selection_arbiter, name=p.name)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> BiPromptPipeline:
@@ -295,5 +307,6 @@ class BiPromptPipeline:
         masks = dict(zip(texts, self.text_masks([emb] * len(texts), texts), strict=True))
         return [join(cands.get(i), {"text": masks[p.text.strip()] if w else None,
                                     "reference": ref_mask if p.mode != "point" else None},
-                     p.mode, self.agreement_threshold, self.rule, self.expert_weights)
+                     p.mode, self.agreement_threshold, self.rule, self.expert_weights,
+                     self.arbiter)
                 for i, (p, w) in enumerate(zip(ps, wants_text, strict=True))]

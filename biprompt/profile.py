@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from biprompt.arbiter import Arbiter
 from biprompt.config import (
     DEFAULT_AGREEMENT_THRESHOLD,
     MAX_TEXT_CHARS,
@@ -49,6 +50,10 @@ def read_profile(path: str | Path) -> dict:
             if ckpt.startswith("."):
                 ckpt = str((path.parent / ckpt).resolve())
             part["checkpoint"] = ckpt
+    sel = profile.get("selection")
+    if isinstance(sel, dict) and isinstance(sel.get("arbiter"), str):
+        arb = os.path.expandvars(sel["arbiter"])
+        sel["arbiter"] = str((path.parent / arb).resolve()) if arb.startswith(".") else arb
     profile.setdefault("name", path.stem)
     return profile
 
@@ -139,6 +144,7 @@ class ModelProfile:
     reference: ReferenceModelConfig | None = None
     selection_rule: str = "mean"  # biprompt.selection.RULES: how several experts' votes combine
     selection_weights: dict[str, float] = field(default_factory=dict)  # the mean's, per expert
+    selection_arbiter: Arbiter | None = None  # the arbiter rule's model (selection.arbiter)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
@@ -163,8 +169,21 @@ class ModelProfile:
                                            random=bool(ref.get("random")),
                                            seed=int(ref.get("seed", 0)))
         sel = d.get("selection") or {}
-        if str(sel.get("rule", "mean")) not in ("mean", "confident"):
-            raise ModelConfigError(f"selection.rule is {sel.get('rule')!r}; use mean or confident")
+        rule = str(sel.get("rule", "mean"))
+        if rule not in ("mean", "confident", "arbiter"):
+            raise ModelConfigError(f"selection.rule is {sel.get('rule')!r}; use mean, confident "
+                                   "or arbiter")
+        arbiter = sel.get("arbiter")
+        if isinstance(arbiter, (str, Path)):
+            arbiter = Arbiter.load(arbiter)
+        elif isinstance(arbiter, dict):
+            arbiter = Arbiter.from_dict(arbiter)
+        elif arbiter is not None and not isinstance(arbiter, Arbiter):
+            raise ModelConfigError(f"selection.arbiter is {arbiter!r}; give the path of an "
+                                   "arbiter file (python -m biprompt.train.arbiter)")
+        if rule == "arbiter" and arbiter is None:
+            raise ModelConfigError("selection.rule is arbiter but the profile names no "
+                                   "selection.arbiter file")
         alias = sam.get("decoder_backend")
         if alias is not None and str(alias) not in BACKENDS:
             raise ModelConfigError(f"sam.decoder_backend is {alias!r}; use one of "
@@ -183,8 +202,9 @@ class ModelProfile:
             dtype=d.get("dtype"),
             backends=backends,
             reference=ref_cfg,
-            selection_rule=str(sel.get("rule", "mean")),
+            selection_rule=rule,
             selection_weights=_weights(sel.get("weights")),
+            selection_arbiter=arbiter,
         )
 
     @classmethod

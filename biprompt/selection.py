@@ -15,8 +15,12 @@ How the voting experts combine (`rule`, measured by `biprompt eval shapes --refe
 - mean: a candidate's vote is its mean IoU over the voting experts, weighted by `weights`
   (per expert, default 1: a profile's `selection.weights`, measured on a tuning set);
 - confident: the expert whose best IoU with any candidate is highest (the one that most clearly
-  recognises one of SAM's masks) decides alone.
-With one expert both are the paper's rule. `expert_agreement` is the lowest IoU between two
+  recognises one of SAM's masks) decides alone;
+- arbiter: with the two experts its model was fit for (biprompt.arbiter), each expert's own pick,
+  and where they differ a learnt model over what tells the two picks apart says which to take
+  (the chosen candidate's vote is the highest IoU any voter has with it); with any other set of
+  experts it is `confident`.
+With one expert every rule is the paper's rule. `expert_agreement` is the lowest IoU between two
 voting experts' masks (None with fewer than two): low means the experts saw different objects,
 the case for a human.
 """
@@ -28,11 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from biprompt.arbiter import Arbiter
 from biprompt.config import DEFAULT_AGREEMENT_THRESHOLD
 
 MODES = ("biprompt", "point", "text", "reference")
 EXPERT_MODES = ("text", "reference")  # modes that answer with one expert's own mask
-RULES = ("mean", "confident")
+RULES = ("mean", "confident", "arbiter")
 DEFAULT_RULE = "mean"
 
 
@@ -70,13 +75,14 @@ def expert_agreement(experts: Mapping[str, np.ndarray]) -> float | None:
 
 def combine(ious: Mapping[str, np.ndarray], voters: list[str], rule: str = DEFAULT_RULE,
             weights: Mapping[str, float] | None = None) -> np.ndarray:
-    """(K,) votes of the candidates from the voting experts' IoUs, by `rule`."""
+    """(K,) votes of the candidates from the voting experts' IoUs, by `rule` (`arbiter` chooses
+    in `select`; here, with other experts than its own, it is `confident`)."""
     if rule == "mean" or len(voters) == 1:
         w = np.array([float((weights or {}).get(n, 1.0)) for n in voters])
         if w.sum() <= 0:  # only zero-weight experts voted (weights {text: 0}, a text-only
             w = np.ones_like(w)  # request): they are all there is, so they count equally
         return np.tensordot(w / w.sum(), np.array([ious[n] for n in voters]), axes=1)
-    if rule == "confident":
+    if rule in ("confident", "arbiter"):
         # max over candidates per expert; ties go to the first voter (experts keep their order)
         lead = max(voters, key=lambda n: (float(ious[n].max()), -voters.index(n)))
         return np.asarray(ious[lead], dtype=np.float64)
@@ -105,14 +111,17 @@ def select(
     agreement_threshold: float = DEFAULT_AGREEMENT_THRESHOLD,
     rule: str = DEFAULT_RULE,
     weights: Mapping[str, float] | None = None,
+    arbiter: Arbiter | None = None,
 ) -> Selection:
     """candidates: KxHxW bool; scores: (K,) SAM's predicted IoUs; experts: {name: HxW bool}
-    (a bare HxW mask is the text expert's; None: no expert); rule: mean | confident; weights:
-    each expert's weight in the mean (default 1)."""
+    (a bare HxW mask is the text expert's; None: no expert); rule: mean | confident | arbiter;
+    weights: each expert's weight in the mean (default 1); arbiter: the `arbiter` rule's model."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; use one of {RULES}")
+    if rule == "arbiter" and arbiter is None:
+        raise ValueError("the arbiter rule needs an arbiter (a profile's selection.arbiter)")
     experts = _as_experts(experts)
     scores = np.asarray(scores, dtype=np.float64)
     k = len(scores)
@@ -129,8 +138,15 @@ def select(
         return Selection(top, "point", float(votes[top]) if k else None, ious, between)
     if not voters:
         return Selection(top, "fallback_empty_" + "_".join(sorted(experts)), 0.0, ious, between)
-    votes = combine(ious, voters, rule, weights) if k else np.zeros(0)
-    best = _best(votes, scores) if k else 0
+    if k and rule == "arbiter" and sorted(voters) == sorted(arbiter.experts):
+        areas = candidates.reshape(k, -1).mean(axis=1)
+        best, _ = arbiter.choose(ious, scores, areas, between)
+        # its vote: the most any voter overlaps it (the arbiter may take the pick of an expert
+        # that overlaps it by less than 1% where the other expert supports it)
+        votes = np.max([ious[n] for n in voters], axis=0).astype(np.float64)
+    else:
+        votes = combine(ious, voters, rule, weights) if k else np.zeros(0)
+        best = _best(votes, scores) if k else 0
     agreement = float(votes[best]) if k else None
     if mode in EXPERT_MODES:
         return Selection(best, mode, agreement, ious, between)

@@ -52,6 +52,7 @@ class PointDecoder:
         self.threshold = float(args.resolved().agreement_threshold)
         self.rule = args.resolved().profile().selection_rule
         self.weights = args.resolved().profile().selection_weights
+        self.arbiter = args.resolved().profile().selection_arbiter
         self.counts = {"requests": 0, "prompts": 0, "batches": 0, "failed": 0, "joined": 0,
                        "cached_masks_read": 0}
         warm_up(self.engine, self.clock)
@@ -84,7 +85,8 @@ class PointDecoder:
             return reply
         self.counts["joined"] += 1
         return {"joined": await asyncio.to_thread(select, reply, join["spec"], self.threshold,
-                                                  self.rule, self.weights, **experts)}
+                                                  self.rule, self.weights, self.arbiter,
+                                                  **experts)}
 
     async def _experts(self, experts: dict) -> dict:
         """The join's expert masks; one named by its cache key (`CachedMask`: the Ingress saw

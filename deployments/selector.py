@@ -9,6 +9,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from biprompt.arbiter import Arbiter
 from biprompt.join import join
 from biprompt.polygons import mask_to_polygons
 from biprompt.types import PointCandidates
@@ -48,7 +49,8 @@ def _expert_mask(value: dict | np.ndarray | None, name: str, timings: dict) -> n
 
 
 def select(points: dict | None, spec: dict, threshold: float, rule: str = "mean",
-           weights: dict | None = None, **experts: dict | np.ndarray | None) -> dict:
+           weights: dict | None = None, arbiter: Arbiter | None = None,
+           **experts: dict | np.ndarray | None) -> dict:
     """The join, as the answer's body: SAM's candidates (the PointDecoder's reply, None without a
     point or box) and each expert's mask (a reply, a cached mask, or None) -> the selected mask in
     `spec["mask_format"]`, the candidates, the strategy, the agreement and the timings. Run by the
@@ -62,7 +64,7 @@ def select(points: dict | None, spec: dict, threshold: float, rule: str = "mean"
         timings["point_decoder"] = points["decoder_ms"]
         cands = PointCandidates(unpack_bits(points["masks"]), points["scores"],
                                 points.get("logits"))
-    res = join(cands, experts, spec["mode"], threshold, rule, weights)
+    res = join(cands, experts, spec["mode"], threshold, rule, weights, arbiter)
     fmt = spec["mask_format"]
     out: dict = {"candidates": [], "text_mask": None}
     if cands is not None:
@@ -99,6 +101,7 @@ class Selector:
         self.threshold = float(resolved.agreement_threshold)
         self.rule = resolved.profile().selection_rule
         self.weights = resolved.profile().selection_weights
+        self.arbiter = resolved.profile().selection_arbiter
         self.clock.ready()
 
     def stats(self) -> dict:
@@ -108,4 +111,5 @@ class Selector:
                        **experts: dict | np.ndarray | None) -> dict:
         """points: the PointDecoder's reply (None: no point or box); spec: mode, mask format and
         what to return; experts: each expert's reply or cached mask by name (text, reference)."""
-        return select(points, spec, self.threshold, self.rule, self.weights, **experts)
+        return select(points, spec, self.threshold, self.rule, self.weights, self.arbiter,
+                      **experts)

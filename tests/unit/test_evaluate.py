@@ -17,7 +17,6 @@ from biprompt.evaluate import (
     METHODS,
     ORACLE,
     POINT,
-    REFERENCE_METHODS,
     SERVED,
     TEXT,
     best_candidate,
@@ -26,6 +25,7 @@ from biprompt.evaluate import (
     main,
     method_masks,
     parse_size,
+    reference_methods,
     summarize,
 )
 from biprompt.metrics import Scores
@@ -159,7 +159,7 @@ def test_main_writes_json(tmp_path, capsys):
     assert rc == 0
     data = json.loads(out.read_text())
     assert (data["n"], data["seed"], data["width"], data["height"]) == (3, 1, 320, 240)
-    assert set(data["methods"]) == set(METHODS) | set(REFERENCE_METHODS)
+    assert set(data["methods"]) == set(METHODS) | set(reference_methods())
     assert "| oracle |" in capsys.readouterr().out
 
 
@@ -228,7 +228,7 @@ def test_reference_episodes_add_every_expert_combination(tiny_pipeline, generato
     too, and the rows cover point, text, reference, the pairs, all three and the oracle."""
     res = evaluate_shapes(tiny_pipeline, n=4, seed=SEED, generator=generator)
     assert res["reference"] is True
-    assert set(res["methods"]) == set(METHODS) | set(REFERENCE_METHODS)
+    assert set(res["methods"]) == set(METHODS) | set(reference_methods())
     m = res["methods"]
     for name in ("point+reference", "point+text+reference (mean)",
                  "point+text+reference (confident)"):  # candidates: the oracle bounds them
