@@ -49,7 +49,8 @@ demo: $(STAMP)
 # --new --grounding), then the reference-image expert (biprompt/train/reference.py), then a second
 # refinement pass weighted to 320x240 canvases. That pass trains only SAM's prompt encoder and mask
 # decoder; it comes last because both experts start their own decoders from SAM's, and read only
-# the frozen encoder's embeddings, which it leaves as they were. WIDE=1 draws
+# the frozen encoder's embeddings, which it leaves as they were. Last of all, the selection arbiter
+# is fit on the finished experts (biprompt/train/arbiter.py, about 1.5 min). WIDE=1 draws
 # every stage's scenes from the wider distribution (shapes_ref.WIDE), with the earlier text stage
 # and no grounding loss: 59.6 min here, but a worse model at this size (README, "The demo model").
 # The recipe before grounding (three more text passes, about 115 min) is in git history (d373fe9).
@@ -71,6 +72,7 @@ train-demo: $(STAMP)
 	$(PY) -m biprompt.train.refine --model $(DEMO_OUT) --full --steps 600 --images 6 \
 		--prompts 4 --max-clicks 8 --lr 3e-4 --warmup 20 --seed 20261203 \
 		--canvas-weights 0.2,0.6,0.1,0.1
+	$(PY) -m biprompt.train.arbiter --model $(DEMO_OUT)
 endif
 
 # Benchmarks: writes BENCHMARKS.md (and out/bench/results.json). bench-quick (or QUICK=1) takes

@@ -38,12 +38,14 @@ def test_model_ids_name_the_demo_files(demo_pipeline):
 
 def test_the_shipped_sam_ends_with_the_recipes_second_refinement_pass(demo_pipeline):
     """make train-demo's last stage (the pass weighted to 320x240) is what the shipped SAM last
-    went through, and the profile serves the rule chosen for that SAM."""
+    went through, and the profile serves the rule chosen for that SAM: the arbiter, fit for the
+    experts it serves beside."""
     passes = json.loads((REPO / "models/demo/refine_summary.json").read_text())
     last = passes[-1]["args"]
     assert last["full"] and (last["steps"], last["seed"]) == (600, 20261203)
     assert last["canvas_weights"] == "0.2,0.6,0.1,0.1"
-    assert demo_pipeline.rule == "confident"
+    assert demo_pipeline.rule == "arbiter"
+    assert demo_pipeline.arbiter.mismatches(demo_pipeline.model_ids) == []
 
 
 def test_accuracy_floor_on_a_seeded_set(demo_pipeline):
@@ -67,4 +69,5 @@ def test_the_reference_expert_loads_and_votes_well(demo_pipeline):
     m = {name: v["all"]["miou"] for name, v in r["methods"].items()}
     assert m["point+reference"] >= m["point-only"] + 0.04, m
     assert m["oracle"] >= m["point+reference"], m
+    assert m["oracle"] >= m["point+text+reference (arbiter)"], m  # the served rule's row
     assert m["reference-only"] >= 0.55, m
