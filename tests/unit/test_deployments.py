@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -344,6 +345,31 @@ def test_selector_picks_what_the_text_agrees_with():
     assert run(sel(decoded(), spec(), text=None))["strategy"] == "fallback_no_text"
     assert run(sel(decoded(), spec()))["strategy"] == "fallback_no_text"  # no expert asked
     assert sel.stats()["weights"] == {}
+
+
+@pytest.mark.parametrize("bias, expected", [(1.0, 1), (-1.0, 2)])
+def test_selector_serves_the_profiles_arbiter(tmp_path, bias, expected):
+    """A profile with `selection.rule: arbiter`: the Selector loads its arbiter file and, where
+    the text and the reference pick different candidates, takes the pick the arbiter prefers."""
+    from biprompt.arbiter import FEATURES, Arbiter
+    from deployments.common import pack_bits, unpack_bits
+
+    n = len(FEATURES)
+    Arbiter(("text", "reference"), (0.0,) * n, (1.0,) * n, (0.0,) * n, bias).save(
+        tmp_path / "arbiter.json")
+    profile = tmp_path / "p.yaml"
+    tiny = Path("configs/models/tiny.yaml").read_text()
+    block = "selection:\n  agreement_threshold: 0.1\n"
+    assert block in tiny
+    profile.write_text(tiny.replace(block, block + "  rule: arbiter\n  arbiter: ./arbiter.json\n"))
+    sel = Selector(ARGS.model_copy(update={"model_profile": str(profile)}))
+    assert sel.rule == "arbiter" and sel.arbiter.bias == bias
+    cands = unpack_bits(decoded()["masks"])
+    experts = {"text": {"mask": pack_bits(cands[1]), "text_ms": 1.0},
+               "reference": {"mask": pack_bits(cands[2]), "reference_ms": 1.0}}
+    out = run(sel(decoded(), spec(), **experts))
+    assert (out["selected"], out["strategy"]) == (expected, "biprompt")
+    assert out["agreement"] == 1.0  # the chosen pick is one expert's own mask
 
 
 # --- Ingress --------------------------------------------------------------------------------
